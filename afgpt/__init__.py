@@ -1,0 +1,24 @@
+"""afgpt: research on activation functions in small language models, as a transformers extension."""
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from .activations import ACTIVATION_NAMES, AfSpec, build_activation, parse_af_spec
+from .configuration_afgpt import AfGPTConfig
+from .modeling_afgpt import AfGPTForCausalLM, AfGPTForSequenceClassification, AfGPTModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register("afgpt", AfGPTConfig, exist_ok=True)
+AutoModel.register(AfGPTConfig, AfGPTModel, exist_ok=True)
+AutoModelForCausalLM.register(AfGPTConfig, AfGPTForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(AfGPTConfig, AfGPTForSequenceClassification, exist_ok=True)
+
+# Saved folders carry their code, so they load with trust_remote_code=True where afgpt is not installed.
+AfGPTConfig.register_for_auto_class()
+AfGPTModel.register_for_auto_class("AutoModel")
+AfGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+AfGPTForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+__all__ = [
+    "ACTIVATION_NAMES", "AfSpec", "AfGPTConfig", "AfGPTModel", "AfGPTForCausalLM",
+    "AfGPTForSequenceClassification", "build_activation", "parse_af_spec",
+]

@@ -1,0 +1,457 @@
+"""AfGPT: the lm-afs GPT (RMSNorm, rotary, QK-norm, value residual, U-Net skips, tied embeddings)
+as a transformers model whose activation functions are a research variable.
+
+Learnable activations live in one place, `AfGPTModel.activations` (`mlp.<slot>`, `att.<slot>`),
+and layers look theirs up by slot index. Sharing an activation across layers is therefore
+structural: each parameter is stored once and survives save_pretrained/from_pretrained.
+"""
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import and_masks, create_causal_mask, sliding_window_overlay
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+
+from .activations import SplineGrid, build_activation, parse_af_spec
+from .configuration_afgpt import AfGPTConfig
+
+
+def activation_slot(layer: int, num_layers: int, sharing: int) -> int:
+    """Index of the activation a layer uses: 0 shared, 1 per layer, 2 shared middle layers."""
+    if sharing == 0:
+        return 0
+    if sharing == 1:
+        return layer
+    num_slots = min(num_layers, 3)
+    return min(layer, 1) if layer < num_layers - 1 else num_slots - 1
+
+
+def num_activation_slots(num_layers: int, sharing: int) -> int:
+    return activation_slot(num_layers - 1, num_layers, sharing) + 1
+
+
+class AfGPTActivations(nn.Module):
+    """Every activation of the model, stored once: `mlp[slot]` and, unless att-none, `att[slot]`."""
+
+    def __init__(self, config: AfGPTConfig):
+        super().__init__()
+        spec = parse_af_spec(config.af_type)
+        grid = SplineGrid(config.af_range, config.af_n_anchors, config.af_init)
+        slots = range(num_activation_slots(config.num_hidden_layers, config.af_layer_specific))
+        self.mlp = nn.ModuleList(build_activation(spec.mlp, config.intermediate_size, grid) for _ in slots)
+        self.att = nn.ModuleList(build_activation(spec.att, config.hidden_size, grid) for _ in slots) \
+            if spec.has_att_slot else None
+
+
+class AfGPTRotaryEmbedding(nn.Module):
+    """Rotary position embedding (cos, sin) for given positions."""
+
+    def __init__(self, config: AfGPTConfig):
+        super().__init__()
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.base = config.rope_theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        return 1.0 / self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [batch, heads, seq, head_dim] by positions given as [batch, seq, head_dim] cos/sin."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention; the path that can return attention weights."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
+        else:
+            weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+class ScalarAffine(nn.Module):
+    """a * x + b with learnable scalars (init a=1, b=0): the pre-activation of the attention slot."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(()))
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight.to(x.dtype) + self.bias.to(x.dtype)
+
+
+class AfGPTAttention(nn.Module):
+    """Causal self-attention with QK-norm, rotary, value residual and an optional activation slot
+    before QKV: x + f(a*x + b) (lm-afs)."""
+
+    def __init__(self, config: AfGPTConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.num_key_value_groups = 1
+        width = config.hidden_size
+        self.pre_activation = ScalarAffine() if parse_af_spec(config.af_type).has_att_slot else None
+        self.q_proj = nn.Linear(width, width, bias=False)
+        self.k_proj = nn.Linear(width, width, bias=False)
+        self.v_proj = nn.Linear(width, width, bias=False)
+        self.o_proj = nn.Linear(width, width, bias=False)
+        self.o_proj.zero_init = True
+        self.value_lambda = nn.Parameter(torch.tensor(0.5))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        activation: nn.Module | None,
+        value_first: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        x = hidden_states
+        if self.pre_activation is not None:
+            x = x + activation(self.pre_activation(x))
+        batch, seq, _ = x.shape
+        shape = (batch, seq, self.num_heads, self.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        if value_first is None:
+            value_first = v
+        v = torch.lerp(v, value_first, self.value_lambda.to(v.dtype))
+        q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        cos, sin = position_embeddings
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward)
+        output, weights = attention(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs)
+        output = self.o_proj(output.reshape(batch, seq, -1))
+        return output, value_first, weights
+
+
+class AfGPTMLP(nn.Module):
+    """fc (4x) -> activation -> proj, no biases; proj starts at zero (lm-afs)."""
+
+    def __init__(self, config: AfGPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.proj.zero_init = True
+
+    def forward(self, x: torch.Tensor, activation: nn.Module) -> torch.Tensor:
+        return self.proj(activation(self.fc(x)))
+
+
+class AfGPTBlock(GradientCheckpointingLayer):
+    """Pre-norm block that first mixes its input with the embedding output x0 (U-Net lambdas)."""
+
+    def __init__(self, config: AfGPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn = AfGPTAttention(config, layer_idx)
+        self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = AfGPTMLP(config)
+        self.block_lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        x0: torch.Tensor,
+        value_first: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        mlp_activation: nn.Module,
+        att_activation: nn.Module | None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        lambdas = self.block_lambdas.to(hidden_states.dtype)
+        x = lambdas[0] * hidden_states + lambdas[1] * x0
+        attn_out, value_first, _ = self.attn(
+            self.attn_norm(x), position_embeddings, attention_mask, att_activation,
+            value_first=value_first, past_key_values=past_key_values, **kwargs)
+        x = x + attn_out
+        x = x + self.mlp(self.mlp_norm(x), mlp_activation)
+        return x, value_first
+
+
+class AfGPTPreTrainedModel(PreTrainedModel):
+    config_class = AfGPTConfig
+    config: AfGPTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["AfGPTBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """lm-afs initialisation: N(0, 0.02) weights, zero output projections, identity norms."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "zero_init", False):
+                init.zeros_(module.weight)
+            else:
+                init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
+            init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, AfGPTRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq())
+        elif isinstance(module, ScalarAffine):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, AfGPTAttention):
+            init.constant_(module.value_lambda, 0.5)
+        elif isinstance(module, AfGPTBlock):
+            init.copy_(module.block_lambdas, torch.tensor([1.0, 0.0]))
+        elif isinstance(module, AfGPTModel):
+            init.ones_(module.skip_weights)
+        elif hasattr(module, "initial_state"):  # learnable activations
+            for name, value in module.initial_state().items():
+                init.copy_(getattr(module, name), value)
+
+
+class AfGPTModel(AfGPTPreTrainedModel):
+    """The AfGPT trunk: embedding + LayerNorm, U-Net stack of blocks, no final norm (lm-afs)."""
+
+    def __init__(self, config: AfGPTConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_norm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.layers = nn.ModuleList(AfGPTBlock(config, i) for i in range(config.num_hidden_layers))
+        self.activations = AfGPTActivations(config)
+        self.rotary_emb = AfGPTRotaryEmbedding(config)
+        self.num_encoder_layers = (config.num_hidden_layers + 1) // 2
+        self.skip_weights = nn.Parameter(torch.ones(config.num_hidden_layers - self.num_encoder_layers))
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def layer_activations(self, layer: int) -> tuple[nn.Module, nn.Module | None]:
+        """The (mlp, attention) activation modules that `layer` uses."""
+        slot = activation_slot(layer, self.config.num_hidden_layers, self.config.af_layer_specific)
+        att = self.activations.att[slot] if self.activations.att is not None else None
+        return self.activations.mlp[slot], att
+
+    def _attention_mask(self, input_ids, inputs_embeds, attention_mask, past_key_values, position_ids):
+        """Causal mask, restricted to the sliding window and (without a cache) to each document."""
+        overlays = []
+        if self.config.context_size is not None:
+            overlays.append(sliding_window_overlay(self.config.context_size))
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if self.config.doc_separator_token_id is not None and input_ids is not None and past == 0:
+            doc_ids = (input_ids == self.config.doc_separator_token_id).cumsum(-1)
+
+            def same_document(batch_idx, head_idx, q_idx, kv_idx):
+                return doc_ids[batch_idx, q_idx] == doc_ids[batch_idx, kv_idx]
+
+            overlays.append(same_document)
+        return create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+            and_mask_function=and_masks(*overlays) if overlays else None,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None and input_ids.numel() and int(input_ids.max()) >= self.config.vocab_size:
+            raise ValueError(
+                f"token id {int(input_ids.max())} >= vocab_size {self.config.vocab_size}: "
+                "the tokenizer does not match this model")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+        mask = self._attention_mask(input_ids, inputs_embeds, attention_mask, past_key_values, position_ids)
+
+        x = x0 = self.embed_norm(inputs_embeds)
+        position_embeddings = self.rotary_emb(x, position_ids)
+        value_first, skips, hidden_states = None, [], []
+        for i, layer in enumerate(self.layers):
+            if i >= self.num_encoder_layers:
+                x = x + self.skip_weights[i - self.num_encoder_layers].to(x.dtype) * skips.pop()
+            if output_hidden_states:
+                hidden_states.append(x)
+            mlp_act, att_act = self.layer_activations(i)
+            x, value_first = layer(
+                x, x0, value_first, position_embeddings, mask, mlp_act, att_act,
+                past_key_values=past_key_values if use_cache else None, **kwargs)
+            if i < self.num_encoder_layers:
+                skips.append(x)
+        if output_hidden_states:
+            hidden_states.append(x)
+        return BaseModelOutputWithPast(
+            last_hidden_state=x,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+        )
+
+
+class AfGPTForCausalLM(AfGPTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: AfGPTConfig):
+        super().__init__(config)
+        self.model = AfGPTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if not config.tie_word_embeddings:
+            self.lm_head.zero_init = True  # lm-afs: an untied head starts at zero
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Labels follow transformers (the loss shifts them); pass `shift_labels` for pre-shifted targets."""
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep])
+        loss = None
+        if kwargs.get("shift_labels") is not None:
+            kwargs["shift_labels"] = kwargs["shift_labels"].contiguous()  # the loss views it flat
+        if labels is not None or kwargs.get("shift_labels") is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states)
+
+
+class AfGPTForSequenceClassification(AfGPTPreTrainedModel):
+    """Classifies from the last non-padding token, like GPT-2."""
+
+    def __init__(self, config: AfGPTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = AfGPTModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        logits = self.score(outputs.last_hidden_state)
+        batch = logits.shape[0]
+        last = self._last_token(input_ids, batch)
+        pooled = logits[torch.arange(batch, device=logits.device), last]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=pooled, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states)
+
+    def _last_token(self, input_ids: torch.Tensor | None, batch: int) -> torch.Tensor | int:
+        pad = self.config.pad_token_id
+        if pad is None:
+            if batch != 1:
+                raise ValueError("batches of more than one sequence need config.pad_token_id to find each last token")
+            return -1
+        if input_ids is None:
+            return -1
+        not_pad = (input_ids != pad).int()
+        positions = torch.arange(input_ids.shape[-1], device=input_ids.device, dtype=torch.int32)
+        return (positions * not_pad).argmax(-1)
+
+
+__all__ = ["AfGPTModel", "AfGPTForCausalLM", "AfGPTForSequenceClassification", "AfGPTPreTrainedModel"]

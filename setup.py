@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="afgpt",
+    version="0.1.0",
+    description="Learnable activation functions for small language models, as a transformers extension",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["afgpt", "afgpt.*"]),
+    package_data={"afgpt.spline_kernels": ["*.cpp"]},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "datasets>=3.0",
+        "huggingface_hub>=1.0",
+        "matplotlib>=3.7",
+        "scikit-learn>=1.3",
+        "tqdm>=4.60",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "peft": ["peft>=0.13"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "peft>=0.13"],
+    },
+    entry_points={"console_scripts": ["afgpt=afgpt.cli:main"]},
+)

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny AfGPT configs and the path to the staged real data."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import afgpt
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def tiny_config(**overrides) -> afgpt.AfGPTConfig:
+    """A model small enough that every test runs in well under a second."""
+    fields = dict(vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                  max_position_embeddings=64)
+    fields.update(overrides)
+    return afgpt.AfGPTConfig(**fields)
+
+
+def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Move every parameter off its initial value so zero-initialised parts matter in comparisons."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale)
+    return model
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"staged data not found at {SHARED_DATA}")
+    return SHARED_DATA
