@@ -1,0 +1,257 @@
+"""Figures of a run: training curves, the learned activation functions, pre-activation magnitudes.
+
+Figures are plain `matplotlib.figure.Figure`s on an Agg canvas (no pyplot global state or GUI, so
+a training loop can plot at every eval) and PNGs are written atomically: a crash mid-save never
+leaves a half-written plot. Each `plot_*` has a `*_figure` twin that returns the figure, for tests
+and for callers that want another format.
+"""
+import contextlib
+import copy
+import json
+import os
+import uuid
+from pathlib import Path
+
+import torch
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
+from torch import nn
+
+from .activations import Spline
+from .modeling_afgpt import AfGPTActivations, AfGPTModel, activation_slot
+
+DPI = 150
+FIXED_X_RANGE = 5.0  # non-spline activations are drawn on [-5, 5]
+SPLINE_MARGIN = 0.1  # splines: the anchor range plus 10% each side, to show the constant tails
+CURVE_POINTS = 1001
+CHANNELS_SHOWN = 8  # per-channel activations: this many evenly spaced channels, plus their mean
+SLOT_NAMES = {"mlp": "MLP", "att": "attention"}
+SLOT_STYLES = {"mlp": "-", "att": "--"}
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl; a truncated last line (a run killed mid-write) is skipped."""
+    lines = Path(path).read_bytes().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # bad JSON or UTF-8 cut mid-character
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not valid JSON: {line[:80]!r}") from None
+    return records
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> None:
+    """Write `fig` as a PNG via a temp file in the same directory and os.replace, so `path` is
+    either the old plot or the complete new one, never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # not mkstemp: it makes 0600 files
+    try:
+        with open(tmp, "xb") as f:
+            fig.savefig(f, format="png", dpi=DPI)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def new_figure(nrows: int, ncols: int, panel_size: tuple[float, float]) -> tuple[Figure, list[list[Axes]]]:
+    """A constrained-layout figure on an Agg canvas with a 2-D grid of axes, wide enough for its title."""
+    width = max(panel_size[0] * ncols, 4.5)
+    fig = Figure(figsize=(width, panel_size[1] * nrows), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes.tolist()
+
+
+def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of `key`, sorted by step; a step logged twice (a resumed run) keeps its last value."""
+    points = {r["step"]: r[key] for r in records if r.get(key) is not None}
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
+def ema(values: list[float], beta: float) -> list[float]:
+    """Debiased exponential moving average (as TensorBoard), so the start is not pulled towards 0."""
+    out, avg = [], 0.0
+    for t, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**t))
+    return out
+
+
+def smoothing(n: int) -> float:
+    """EMA factor averaging over ~2% of the points: visible trend, short lag, none for short runs."""
+    return 1 - 1 / max(1, n // 50)
+
+
+def by_replica(records: list[dict]) -> dict:
+    """Records grouped by their "replica" field (None when absent), in order of first appearance."""
+    groups: dict = {}
+    for r in records:
+        groups.setdefault(r.get("replica"), []).append(r)
+    return groups
+
+
+def add_legend(ax: Axes, **kwargs) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
+def training_curves_figure(records: list[dict], title: str | None = None) -> Figure:
+    """Loss and token accuracy vs step: train (EMA-smoothed over the faint raw curve) and val,
+    one colour per replica when records carry a "replica" field."""
+    fig, ((loss_ax, acc_ax),) = new_figure(1, 2, (5.0, 3.6))
+    train = by_replica([r for r in records if r.get("kind") == "train"])
+    val = by_replica([r for r in records if r.get("kind") == "val"])
+    replicas = list(dict.fromkeys([*train, *val]))
+    for ax, key in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        for i, replica in enumerate(replicas):
+            color = f"C{i % 10}"
+            prefix = "" if replica is None else f"replica {replica} "
+            steps, values = series(train.get(replica, []), key)
+            if steps:
+                ax.plot(steps, values, color=color, alpha=0.25, lw=0.8)
+                ax.plot(steps, ema(values, smoothing(len(values))), color=color, lw=1.6, label=f"{prefix}train")
+            steps, values = series(val.get(replica, []), key)
+            if steps:
+                ax.plot(steps, values, color=color, ls="--", marker="o", ms=3, lw=1.2, label=f"{prefix}val")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    add_legend(loss_ax, fontsize="small")
+    loss_ax.set(title="Loss", ylabel="cross-entropy (nats/token)", yscale="log")
+    loss_ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # "6", not "6 x 10^0": losses
+    loss_ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))  # span about one decade
+    acc_ax.set(title="Token accuracy", ylabel="next-token accuracy")
+    fig.suptitle(title or "Training curves")
+    return fig
+
+
+def plot_training_curves(records: list[dict], path: str | os.PathLike, title: str | None = None) -> None:
+    save_figure(training_curves_figure(records, title), path)
+
+
+def resolve_activations(source: nn.Module) -> tuple[AfGPTActivations, object | None]:
+    """(activations module, config or None) from a model, its trunk or the activations module."""
+    if isinstance(source, AfGPTActivations):
+        return source, None
+    trunk = source if isinstance(source, AfGPTModel) else source.model
+    return trunk.activations, trunk.config
+
+
+def slot_title(slot: int, config) -> str:
+    """Which layers use `slot` (they are contiguous), or just the slot number without a config."""
+    if config is None:
+        return f"slot {slot}"
+    n = config.num_hidden_layers
+    layers = [i for i in range(n) if activation_slot(i, n, config.af_layer_specific) == slot]
+    where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}–{layers[-1]}"
+    return f"slot {slot}: {where}"
+
+
+def draw_activation(ax: Axes, module: nn.Module) -> None:
+    """f(x) of one activation, evaluated on a CPU float32 copy so any device or dtype works.
+
+    Per-channel activations (a `channels` attribute) show a few channels thin and their mean thick;
+    splines mark their anchors on the (mean) curve.
+    """
+    module = copy.deepcopy(module).to("cpu", torch.float32)
+    is_spline = isinstance(module, Spline)
+    reach = module.grid.af_range * (1 + SPLINE_MARGIN) if is_spline else FIXED_X_RANGE
+    x = torch.linspace(-reach, reach, CURVE_POINTS)
+    if is_spline:  # include the anchors so the polyline passes exactly through every kink
+        x = torch.cat([x, module.anchors]).sort().values
+    channels = getattr(module, "channels", None)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        """[N] -> [N] shared, or [N] -> [N, channels] per channel."""
+        return module(x if channels is None else x[:, None].expand(-1, channels))
+
+    with torch.no_grad():
+        y = f(x)
+        anchor_y = f(module.anchors) if is_spline else None
+    ax.axline((0, 0), slope=1, color="0.6", ls="--", lw=0.8, label="y = x")
+    if channels is None:
+        ax.plot(x, y, color="C0", lw=1.8, label="f(x)")
+    else:
+        shown = torch.linspace(0, channels - 1, min(CHANNELS_SHOWN, channels)).round().long().unique()
+        for j, c in enumerate(shown.tolist()):
+            label = f"{len(shown)} of {channels} channels" if j == 0 else None
+            ax.plot(x, y[:, c], color=colormaps["viridis"](0.85 * j / max(1, len(shown) - 1)),
+                    lw=0.7, alpha=0.7, label=label)
+        y = y.mean(1)
+        ax.plot(x, y, color="black", lw=2.0, label="channel mean")
+        anchor_y = anchor_y.mean(1) if is_spline else None
+    if is_spline:
+        ax.plot(module.anchors, anchor_y, ls="none", marker="o", ms=2.5, color="C3", label="anchors")
+    ax.set_xlim(-reach, reach)
+    ax.grid(alpha=0.3)
+
+
+def activation_figure(source: nn.Module, title: str | None = None) -> Figure:
+    """The activation functions of a model: MLP row on top, attention row below (unless att-none),
+    one column per slot titled with the layers that use it."""
+    activations, config = resolve_activations(source)
+    rows = [("MLP", activations.mlp)]
+    if activations.att is not None:
+        rows.append(("attention", activations.att))
+    fig, axes = new_figure(len(rows), len(activations.mlp), (3.0, 2.7))
+    for r, (row_name, modules) in enumerate(rows):
+        for slot, module in enumerate(modules):
+            ax = axes[r][slot]
+            draw_activation(ax, module)
+            ax.set_title(f"{row_name}, {slot_title(slot, config)}", fontsize="medium")
+            if r == len(rows) - 1:
+                ax.set_xlabel("x")
+        axes[r][0].set_ylabel(f"{row_name} f(x)")
+        add_legend(axes[r][0], fontsize="x-small")
+    default = "Activation functions" + (f" ({config.af_type})" if config is not None else "")
+    fig.suptitle(title or default)
+    return fig
+
+
+def plot_activations(source: nn.Module, path: str | os.PathLike, title: str | None = None) -> None:
+    save_figure(activation_figure(source, title), path)
+
+
+def activation_magnitudes_figure(records: list[dict], af_range: float | None = None) -> Figure:
+    """Mean and max |pre-activation| vs step, one line per layer (MLP solid, attention dashed).
+
+    With `af_range`, a line marks where splines turn constant: inputs beyond it get no gradient
+    to the spline, so a max |x| above it says the range is too small.
+    """
+    fig, ((mean_ax, max_ax),) = new_figure(1, 2, (4.6, 3.6))
+    acts = [r for r in records if r.get("kind") == "act"]
+    layers = sorted({r["layer"] for r in acts})
+    for i, layer in enumerate(layers):
+        color = colormaps["viridis"](0.85 * i / max(1, len(layers) - 1))
+        for slot in ("mlp", "att"):
+            group = [r for r in acts if r["layer"] == layer and r["slot"] == slot]
+            if not group:
+                continue
+            label = f"layer {layer} {SLOT_NAMES[slot]}"
+            for ax, key in ((mean_ax, "mean_abs"), (max_ax, "max_abs")):
+                ax.plot(*series(group, key), color=color, ls=SLOT_STYLES[slot], lw=1.3, label=label)
+    for ax, name in ((mean_ax, "mean"), (max_ax, "max")):
+        if af_range is not None:
+            ax.axhline(af_range, color="C3", ls=":", lw=1.2, label=f"spline range {af_range:g}")
+        ax.set(title=f"{name.capitalize()} |pre-activation|", xlabel="step", ylabel=f"{name} |x|", yscale="log")
+        ax.grid(alpha=0.3, which="both")
+    if max_ax.get_legend_handles_labels()[0]:
+        fig.legend(*max_ax.get_legend_handles_labels(), loc="outside right upper", fontsize="small")
+    fig.suptitle("Activation input magnitudes")
+    return fig
+
+
+def plot_activation_magnitudes(records: list[dict], path: str | os.PathLike, af_range: float | None = None) -> None:
+    save_figure(activation_magnitudes_figure(records, af_range), path)
