@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
 from . import data as data_lib
+from .bank import ActivationBank
 from .configuration_afgpt import AfGPTConfig
 from .modeling_afgpt import AfGPTForCausalLM
 from .plotting import plot_activation_magnitudes, plot_activations, plot_training_curves
@@ -426,7 +427,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     bar.close()
     save_checkpoint(accelerator, out)
     if is_main:
-        save_final(unwrapped, run_data, out)
+        save_final(unwrapped, run_data, out, {
+            "run": str(out), "steps": state.step, "n_models": 1, "data": cfg.data, "seed": cfg.seed,
+            "af_lr": cfg.af_lr, "final_val_loss": val_loss})
     accelerator.wait_for_everyone()
     final = {"step": state.step, "train_loss": loss, "val_loss": val_loss, "val_accuracy": val_acc,
              "num_processes": accelerator.num_processes}
@@ -474,11 +477,15 @@ def validate(model, val_tokens, cfg: TrainConfig, metrics: MetricsWriter, step: 
     return loss, accuracy
 
 
-def save_final(model: AfGPTForCausalLM, run_data: RunData, out: Path) -> None:
-    """The final model and tokenizer in the run directory, loadable with from_pretrained(out)."""
+def save_final(model: AfGPTForCausalLM, run_data: RunData, out: Path, provenance: dict) -> None:
+    """The final model and tokenizer (loadable with from_pretrained(out)) and the learned activations."""
     model.save_pretrained(out)
     if run_data.tokenizer is not None:
         run_data.tokenizer.save_pretrained(out)
+    bank = ActivationBank.from_model(model, provenance)
+    if not bank.is_empty():
+        bank.save(out / "activations")
+        plot_activations(model, out / "activations" / "activations.png", title=model.config.af_type)
 
 
 # ----------------------------------------------------------------------------- transformers.Trainer glue

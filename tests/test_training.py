@@ -76,6 +76,13 @@ def test_training_run_produces_a_complete_run_directory(tmp_path, shared_data):
     assert final["val_loss"] == pytest.approx([r["loss"] for r in records if r["kind"] == "val"][-1])
     for name in ("train_config.json", "train.log", "tokenizer.json", "config.json", "model.safetensors"):
         assert (run / name).is_file(), name
+    bank_config = json.loads((run / "activations" / "af_config.json").read_text())
+    assert bank_config["format"] == "afgpt-activations" and bank_config["provenance"]["steps"] == 30
+    assert bank_config["provenance"]["final_val_loss"] == pytest.approx(final["val_loss"])
+    from safetensors.torch import load_file
+    saved = load_file(run / "activations" / "activations.safetensors")
+    assert sorted(saved) == ["att.0.values", "att.1.values", "mlp.0.values", "mlp.1.values"]
+    assert (run / "activations" / "activations.png").is_file()
     for plot in ("training_curves.png", "activations.png", "activation_magnitudes.png"):
         assert (run / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = (run / "train.log").read_text()
@@ -83,6 +90,7 @@ def test_training_run_produces_a_complete_run_directory(tmp_path, shared_data):
     model = AutoModelForCausalLM.from_pretrained(run)
     assert model.config.af_type == "spline;att-spline"
     assert not torch.all(model.model.activations.mlp[0].values == 0.01)  # activations were learned
+    assert torch.equal(saved["mlp.0.values"], model.model.activations.mlp[0].values.detach())
     assert TrainConfig.load(run / "train_config.json") == cfg
 
 
