@@ -241,7 +241,6 @@ def test_af_trainer_freezes_activations_with_zero_lr(tmp_path):
     assert torch.equal(model.model.activations.mlp[0].values, before)
 
 
-@pytest.mark.slow
 def test_two_processes_under_accelerate_launch(tmp_path, shared_data):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
