@@ -1,0 +1,213 @@
+"""lm-afs-compatible front end: `python train_afgpt.py --flag value ...` with lm-afs's trainLmAf.py flags.
+
+Maps lm-afs's camelCase flags onto afgpt.training.TrainConfig, trains with afgpt.training.train(), and
+writes lm-afs's learned-activation CSV (dirResults/ptAf-RUN-stepNNNN.csv) at the end.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from afgpt import AfGPTForCausalLM
+from afgpt.activations import Spline
+from afgpt.training import TrainConfig, train
+
+LM_AFS_DOC_SEPARATOR = 50256  # GPT-2's <|endoftext|>, the separator afgpt uses for .bin shards
+
+
+@dataclasses.dataclass
+class LmAfsFlags:
+    """lm-afs's trainLmAf.py flags and their defaults."""
+
+    runName: str = ""
+    seed: int = 0
+    plotMinAcc: float | None = None
+    plotMaxAcc: float | None = None
+    plotMinLoss: float | None = None
+    plotMaxLoss: float | None = None
+    shuffleTrData: int = 1
+    tokenDocSep: int = 50256
+    nLayers: int = 4
+    nHeads: int = 4
+    dimEmb: int = 256
+    tieEmbeddings: bool = True
+    lr: float = 0.0006
+    freezeEmbeddings: int = 0
+    batchSize: int = 1
+    seqLength: int = 4096
+    contextSize: int = 1024
+    nSteps: int = 20000
+    nStepsWarmup: int = 2000
+    nStepsCooldown: int = 10000
+    lrSchedule: str = "trap"
+    wtDecay: float = 0.0
+    nModels: int = 1
+    staggeredStarts: int = 2
+    sameDataAcrossModels: bool = False
+    sameInitAcrossModels: bool = False
+    adamB1: float = 0.8
+    adamB2: float = 0.95
+    gradientClipping: float = 0
+    afType: str = "gelu;att-linear"
+    afLayerSpecific: int = 1
+    afRange: float = 15
+    afNAnchors: int = 64
+    afInit: float = 0.01
+    afLr: float = 0.1
+    afAdamB1: float = 0.99
+    afAdamB2: float = 0.999
+    afFileToLoad: str = ""
+    dirResults: str = "./results-fineweb10B"
+    filesTokensTr: str = "./data-fineweb10B/fineweb_train_*.bin"
+    filesTokensVa: str = "./data-fineweb10B/fineweb_val_*.bin"
+    nTokensVa: int = 10485760
+    valEvery: int = 500
+    saveModelEvery: int = -1
+    saveAfEvery: int = 0
+    plotEvery: int = 200
+    plottingLevel: int = 2
+    dtype: str = "float32"
+    flexBlockSize: int = 32
+
+
+def parse_bool(text: str) -> bool:
+    """lm-afs booleans: 1/0/true/false (any case)."""
+    value = text.strip().lower()
+    if value in ("1", "true"):
+        return True
+    if value in ("0", "false"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1/0/true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train AfGPT with lm-afs's trainLmAf.py flags.",
+                                     allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for field in dataclasses.fields(LmAfsFlags):
+        kind = {bool: parse_bool, float | None: float}.get(field.type, field.type)
+        parser.add_argument(f"--{field.name}", type=kind, default=field.default)
+    return parser
+
+
+def learnable_parts(af_type: str) -> tuple[bool, bool]:
+    """Whether the MLP and attention parts of an af type are learnable splines."""
+    mlp, att = af_type.split(";", 1)
+    return "spline" in mlp, "spline" in att
+
+
+def check_supported(flags: LmAfsFlags) -> None:
+    """Raise ValueError naming the first flag whose lm-afs feature afgpt does not have yet."""
+    unsupported = {
+        "nModels": flags.nModels > 1,
+        "afFileToLoad": flags.afFileToLoad != "",
+        "sameDataAcrossModels": flags.sameDataAcrossModels,
+        "sameInitAcrossModels": flags.sameInitAcrossModels,
+        "freezeEmbeddings": flags.freezeEmbeddings != 0,
+        "shuffleTrData": flags.shuffleTrData != 1,
+        "tieEmbeddings": not flags.tieEmbeddings,
+        "tokenDocSep": flags.tokenDocSep not in (-1, LM_AFS_DOC_SEPARATOR),
+    }
+    for name, bad in unsupported.items():
+        if bad:
+            raise ValueError(f"--{name} {getattr(flags, name)!r} is not yet supported by train_afgpt.py")
+
+
+def to_train_config(flags: LmAfsFlags) -> TrainConfig:
+    """The TrainConfig equivalent of lm-afs flags (after normalize())."""
+    precision = {"float32": "no", "bfloat16": "bf16"}.get(flags.dtype)
+    if precision is None:
+        raise ValueError(f"--dtype {flags.dtype!r}: use float32 or bfloat16")
+    return TrainConfig(
+        output_dir=str(Path(flags.dirResults) / flags.runName),
+        log_file=str(Path(flags.dirResults) / f"log-{flags.runName}.txt"),
+        run_name=flags.runName,
+        data=flags.filesTokensTr,
+        val_data=flags.filesTokensVa,
+        val_tokens=flags.nTokensVa,
+        eval_batches=max(1, flags.nTokensVa // flags.seqLength),
+        hidden_size=flags.dimEmb,
+        num_hidden_layers=flags.nLayers,
+        num_attention_heads=flags.nHeads,
+        af_type=flags.afType,
+        af_layer_specific=flags.afLayerSpecific,
+        af_range=flags.afRange,
+        af_n_anchors=flags.afNAnchors,
+        af_init=flags.afInit,
+        context_size=flags.contextSize if flags.contextSize < flags.seqLength else None,
+        doc_masking=flags.tokenDocSep != -1,
+        max_steps=flags.nSteps,
+        per_device_train_batch_size=1,
+        seq_length=flags.seqLength,
+        gradient_accumulation_steps=flags.batchSize,
+        learning_rate=flags.lr,
+        adam_beta1=flags.adamB1,
+        adam_beta2=flags.adamB2,
+        weight_decay=flags.wtDecay,
+        lr_scheduler_type="cos" if flags.lrSchedule == "cosine" else flags.lrSchedule,
+        warmup_steps=flags.nStepsWarmup,
+        cooldown_steps=flags.nStepsCooldown,
+        max_grad_norm=flags.gradientClipping,
+        af_lr=flags.afLr,
+        af_adam_beta1=flags.afAdamB1,
+        af_adam_beta2=flags.afAdamB2,
+        mixed_precision=precision,
+        seed=flags.seed,
+        logging_steps=flags.plotEvery if flags.plotEvery > 0 else 100,
+        eval_steps=flags.valEvery if flags.valEvery > 0 else flags.nSteps,
+        save_steps=flags.saveModelEvery if flags.saveModelEvery > 0 else flags.nSteps,
+    )
+
+
+def normalize(flags: LmAfsFlags) -> LmAfsFlags:
+    """Apply lm-afs's defaulting rules: run name, MLP-only af types, frozen non-learnable activations."""
+    if not flags.runName:
+        flags = dataclasses.replace(flags, runName=f"{datetime.now():%y%m%d%H%M}")
+    if ";" not in flags.afType:
+        print(f"note: --afType {flags.afType!r} has no attention part; using '{flags.afType};att-linear'")
+        flags = dataclasses.replace(flags, afType=f"{flags.afType};att-linear")
+    if not any(learnable_parts(flags.afType)):
+        flags = dataclasses.replace(flags, afLr=0.0, afLayerSpecific=0)
+    return flags
+
+
+def activation_csv_lines(model: AfGPTForCausalLM) -> list[str]:
+    """lm-afs's ptAf CSV: anchors line then values line per spline, MLP of every layer, then attention."""
+    layers = [model.model.layer_activations(i) for i in range(model.config.num_hidden_layers)]
+    modules = [mlp for mlp, _ in layers] + [att for _, att in layers]
+    lines = []
+    for module in modules:
+        if isinstance(module, Spline):
+            lines.append(",".join(repr(a) for a in module.anchors.tolist()))
+            lines.append(",".join(repr(v) for v in module.values.detach().flatten().tolist()))
+    return lines
+
+
+def write_activation_csv(flags: LmAfsFlags) -> Path:
+    """Write the final model's learned activations to dirResults/ptAf-RUN-stepNNNN.csv (atomically)."""
+    model = AfGPTForCausalLM.from_pretrained(Path(flags.dirResults) / flags.runName)
+    path = Path(flags.dirResults) / f"ptAf-{flags.runName}-step{flags.nSteps:04d}.csv"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in activation_csv_lines(model)), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse lm-afs flags, train, and write the activation CSV."""
+    parser = build_parser()
+    flags = LmAfsFlags(**vars(parser.parse_args(argv)))
+    try:
+        check_supported(flags)
+        flags = normalize(flags)
+        train(to_train_config(flags))
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
+    if flags.afLr != 0 and any(learnable_parts(flags.afType)) and flags.saveAfEvery != -1:
+        print(f"learned activations written to {write_activation_csv(flags)}")
+
+
+if __name__ == "__main__":
+    main()
