@@ -254,3 +254,46 @@ def test_two_processes_under_accelerate_launch(tmp_path, shared_data):
     log = (tmp_path / "run" / "train.log").read_text()
     assert "2 process(es)" in log
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_bf16_accumulation_and_clipping_run(tmp_path, shared_data, monkeypatch):
+    seen = {}
+    real_clip = training.Accelerator.clip_grad_norm_
+
+    def clip(self, parameters, max_norm, *args, **kwargs):
+        seen["max_norm"] = max_norm
+        return real_clip(self, parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(training.Accelerator, "clip_grad_norm_", clip)
+    cfg = tiny_run(tmp_path, shared_data, af_type="spline;att-spline", mixed_precision="bf16",
+                   gradient_accumulation_steps=2, max_grad_norm=1.0, max_steps=6, warmup_steps=1,
+                   cooldown_steps=2, eval_steps=6, logging_steps=3)
+    final = train(cfg)
+    assert math.isfinite(final["val_loss"]) and seen["max_norm"] == 1.0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    assert model.model.activations.mlp[0].values.dtype == torch.float32
+
+
+class CaptureGrads(torch.optim.SGD):
+    """An optimizer that records the gradients it is asked to apply."""
+
+    def step(self, closure=None):
+        self.seen = {id(p): p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None}
+
+
+def test_gradient_accumulation_matches_one_large_batch():
+    torch.manual_seed(0)
+    model = afgpt.AfGPTForCausalLM(tiny_config())
+    x = torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(0))
+    inputs, labels = x[:, :-1], x[:, 1:]
+    model(input_ids=inputs, shift_labels=labels).loss.backward()
+    reference = {id(p): p.grad.clone() for p in model.parameters() if p.grad is not None}
+    model.zero_grad()
+    optimizer = CaptureGrads(model.parameters(), lr=0.0)
+    halves = iter([(inputs[:2], labels[:2]), (inputs[2:], labels[2:])])
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)]
+    training.train_step(model, [optimizer], schedulers, halves, training.Accelerator(),
+                        TrainConfig(gradient_accumulation_steps=2))
+    assert reference.keys() == optimizer.seen.keys()
+    for key, grad in reference.items():
+        torch.testing.assert_close(optimizer.seen[key], grad, atol=5e-5, rtol=1e-3)  # a missing 1/2 would be 100%
