@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
@@ -357,6 +358,7 @@ def save_plots(model: torch.nn.Module, history: list, plots: Path, af_range: flo
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Train AfGPT as `cfg` says; returns the final metrics. Multi-process under `accelerate launch`."""
+    AcceleratorState._reset_state()  # a singleton: without this, a second run inherits the first's precision
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     is_main = accelerator.is_main_process
     out = prepare_run_directory(cfg, resume, overwrite) if is_main else Path(cfg.output_dir)

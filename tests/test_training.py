@@ -292,7 +292,8 @@ def test_gradient_accumulation_matches_one_large_batch():
     optimizer = CaptureGrads(model.parameters(), lr=0.0)
     halves = iter([(inputs[:2], labels[:2]), (inputs[2:], labels[2:])])
     schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)]
-    training.train_step(model, [optimizer], schedulers, halves, training.Accelerator(),
+    training.AcceleratorState._reset_state()
+    training.train_step(model, [optimizer], schedulers, halves, training.Accelerator(mixed_precision="no"),
                         TrainConfig(gradient_accumulation_steps=2))
     assert reference.keys() == optimizer.seen.keys()
     for key, grad in reference.items():
