@@ -22,6 +22,7 @@ setup(
         "scikit-learn>=1.3",
         "tqdm>=4.60",
         "numpy>=1.24",
+        "ninja",  # torch.utils.cpp_extension builds the spline kernel with it
     ],
     extras_require={
         "peft": ["peft>=0.13"],

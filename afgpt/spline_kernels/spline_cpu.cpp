@@ -1,0 +1,604 @@
+// Linear-spline activation: CPU forward/backward kernels (OpenMP), fp32 and bf16 inputs.
+//
+// A spline has K values on evenly spaced anchors a0 + k*h and is constant outside [a0, a0+(K-1)h].
+// With t = (x - a0)/h clamped to [0, K-1] and i = min(floor(t), K-2), the value is
+// y = c[i] + t*d[i] where d[k] = v[k+1] - v[k] and c[k] = v[k] - k*d[k]: one lookup pair + one FMA.
+// The backward recomputes i from x (nothing else is saved) and builds the values gradient from
+// histograms A[i] += g, B[i] += g*(t-i) in double: grad_v[k] = A[k] - B[k] + B[k-1].
+//
+// Table lookups decide the speed, and vector gathers are slow on some CPUs (~2 cycles per
+// element on AMD Zen 4), so they are avoided: with AVX-512 a shared spline's tables (<= 128
+// intervals) live in registers and are read with permutes; per-channel splines go through
+// small tiles: a vectorisable pass computes table positions, a scalar pass reads the tables
+// (and adds to the histograms), and a vectorisable pass writes the outputs.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define AFGPT_AVX512 1
+#include <immintrin.h>
+#else
+#define AFGPT_AVX512 0
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kSerialBelow = 32768;    // elements: below this, threads cost more than they save
+constexpr int64_t kBlock = 512;            // shared backward: elements per record/histogram pass
+constexpr int64_t kMaxRegIntervals = 128;  // largest shared table kept in registers
+constexpr int64_t kLanes = 16;             // per-channel tables: channels per block
+#ifndef AFGPT_TILE_ROWS
+#define AFGPT_TILE_ROWS 1
+#define AFGPT_TILE_COLS 256
+#endif
+constexpr int64_t kTileRows = AFGPT_TILE_ROWS;  // per-channel tiles: rows per tile
+constexpr int64_t kTileCols = AFGPT_TILE_COLS;  // per-channel tiles: channels (multiple of kLanes)
+
+// Table-reading loops stay scalar: compilers otherwise emulate gathers with costly lane shuffles.
+#if defined(__GNUC__) && !defined(__clang__)
+#define AFGPT_SCALAR __attribute__((optimize("no-tree-vectorize")))
+#else
+#define AFGPT_SCALAR
+#endif
+
+// ---- element conversion (bf16 is stored as uint16; round-to-nearest-even like torch) ----
+inline float load(float v) { return v; }
+inline float load(uint16_t b) {
+  uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline void store(float* p, float v) { *p = v; }
+inline void store(uint16_t* p, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  *p = v != v ? uint16_t(0x7FC0) : uint16_t(rounded);
+}
+
+// ---- grid maths ----
+struct Grid {
+  float a0, inv_h, tmax;  // t = (x - a0) * inv_h, clamped to [0, tmax = K-1]
+  int kmax;               // last interval index, K-2
+};
+
+Grid make_grid(int64_t k, double x_min, double x_max) {
+  return {float(x_min), float(double(k - 1) / (x_max - x_min)), float(k - 1), int(k - 2)};
+}
+
+// Clamp keeping NaN (so NaN inputs give NaN outputs, as torch.clamp does).
+inline float clamp_t(float t, float tmax) {
+  t = t < 0.f ? 0.f : t;
+  return t > tmax ? tmax : t;
+}
+// Interval index of a clamped t; NaN maps to 0 so the table read stays in bounds.
+inline int interval(float tc, int kmax) {
+  int i = int(tc >= 0.f ? tc : 0.f);
+  return i < kmax ? i : kmax;
+}
+// grad_x is g * slope strictly inside the range and 0 outside, where the spline is constant.
+inline bool inside(float traw, float tmax) { return (traw > 0.f) & (traw < tmax); }
+
+// Interval tables of S splines: cd holds (c, d) pairs for the forward, ds = d/h for grad_x.
+// Per-channel tables are blocked by kLanes channels, [S/kLanes][K-1][kLanes], so that the table
+// of a tile's channels is contiguous.
+struct Tables {
+  int64_t splines = 0, intervals = 0, lanes = 1;  // lanes: kLanes per channel, 1 if shared
+  std::vector<float> cd, ds;
+  int64_t at(int64_t s, int64_t i) const { return (s / lanes * intervals + i) * lanes + s % lanes; }
+  int64_t block(int64_t col) const { return col / lanes * intervals * lanes; }  // col's block
+};
+
+Tables make_tables(const float* v, int64_t splines, int64_t k, float inv_h, bool backward) {
+  Tables tab{splines, k - 1, splines == 1 ? 1 : kLanes, {}, {}};
+  int64_t size = (splines + tab.lanes - 1) / tab.lanes * tab.lanes * (k - 1);
+  (backward ? tab.ds : tab.cd).assign(size * (backward ? 1 : 2), 0.f);
+  for (int64_t s = 0; s < splines; ++s)
+    for (int64_t i = 0; i + 1 < k; ++i) {
+      float d = v[s * k + i + 1] - v[s * k + i];
+      if (backward) {
+        tab.ds[tab.at(s, i)] = d * inv_h;
+      } else {
+        tab.cd[tab.at(s, i) * 2] = v[s * k + i] - float(i) * d;
+        tab.cd[tab.at(s, i) * 2 + 1] = d;
+      }
+    }
+  return tab;
+}
+
+// Adds histogram records: pair (g, g*(t - i)) q goes to (A, B) cell cell[q] of hist.
+AFGPT_SCALAR void add_records(const uint32_t* cell, const float* pair, int64_t n, double* hist) {
+  for (int64_t q = 0; q < n; ++q) {
+    double* h = hist + 2 * int64_t(cell[q]);
+    h[0] += pair[2 * q];
+    h[1] += pair[2 * q + 1];
+  }
+}
+
+// ---- threading ----
+// Threads used for n elements; a fixed number for a given torch thread setting (determinism).
+int threads_for(int64_t n) { return n < kSerialBelow ? 1 : at::get_num_threads(); }
+
+// Calls f(tid, begin, end) on nt contiguous, 64-aligned ranges of [0, n), one per thread.
+template <typename F>
+void parallel_ranges(int64_t n, int nt, const F& f) {
+  int64_t step = ((n + nt - 1) / nt + 63) / 64 * 64;
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int tid = 0; tid < nt; ++tid) {
+    int64_t b = std::min(n, tid * step), e = std::min(n, b + step);
+    f(tid, b, e);
+  }
+}
+
+// ======== shared spline: one table for all elements ========
+// The backward records, per element, its histogram cell and pair; shared histograms are
+// [K][4][2] with element j in copy j % 4, so runs of equal intervals do not serialise on one
+// memory cell: cell = i*4 + j % 4.
+struct Records {
+  uint32_t* cell;
+  float* pair;
+};
+
+template <typename T>
+void forward_shared_plain(const T* __restrict x, T* __restrict y, int64_t len, Grid g,
+                          const float* __restrict cd) {
+  for (int64_t j = 0; j < len; ++j) {
+    float t = clamp_t((load(x[j]) - g.a0) * g.inv_h, g.tmax);
+    int i = interval(t, g.kmax);
+    store(y + j, cd[2 * i] + t * cd[2 * i + 1]);
+  }
+}
+
+template <bool Record, typename T>
+void grad_shared_plain(const T* __restrict x, const T* __restrict gy, T* __restrict gx,
+                       int64_t len, Grid g, const float* __restrict ds, Records rec) {
+  for (int64_t j = 0; j < len; ++j) {
+    float gj = load(gy[j]);
+    float traw = (load(x[j]) - g.a0) * g.inv_h;
+    float t = clamp_t(traw, g.tmax);
+    int i = interval(t, g.kmax);
+    float slope = ds[i];  // loaded unconditionally, so the loop vectorises
+    store(gx + j, inside(traw, g.tmax) ? gj * slope : 0.f);
+    if constexpr (Record) {
+      rec.cell[j] = uint32_t(i) * 4 + uint32_t(j & 3);
+      rec.pair[2 * j] = gj;
+      rec.pair[2 * j + 1] = gj * (t - float(i));
+    }
+  }
+}
+
+struct PlainSharedGrad {
+  Grid g;
+  const float* ds;
+  template <bool Record, typename T>
+  void operator()(const T* x, const T* gy, T* gx, int64_t len, Records rec) const {
+    grad_shared_plain<Record>(x, gy, gx, len, g, ds, rec);
+  }
+};
+
+#if AFGPT_AVX512
+// ---- AVX-512 loops for the shared spline: 16 lanes, masked tails ----
+namespace simd {
+using V = __m512;
+using VI = __m512i;
+using M = __mmask16;
+
+inline M tail(int64_t left) { return left >= 16 ? M(0xFFFF) : M((1u << left) - 1); }
+inline V vload(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
+inline V vload(const uint16_t* p, M m) {
+  VI wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline void vstore(float* p, V v, M m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void vstore(uint16_t* p, V v, M m) {
+  VI u = _mm512_castps_si512(v);
+  VI odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  VI r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
+
+struct VGrid {
+  V a0, inv_h, tmax, zero;
+  VI kmax;
+  explicit VGrid(const Grid& g)
+      : a0(_mm512_set1_ps(g.a0)), inv_h(_mm512_set1_ps(g.inv_h)), tmax(_mm512_set1_ps(g.tmax)),
+        zero(_mm512_setzero_ps()), kmax(_mm512_set1_epi32(g.kmax)) {}
+  V coord(V x) const { return _mm512_mul_ps(_mm512_sub_ps(x, a0), inv_h); }
+  // max/min return their second operand on NaN, so NaN survives the clamp
+  V clamp(V t) const { return _mm512_min_ps(tmax, _mm512_max_ps(zero, t)); }
+  VI interval(V t) const {
+    return _mm512_min_epi32(_mm512_max_epi32(_mm512_cvttps_epi32(t), _mm512_setzero_si512()), kmax);
+  }
+  M inside(V traw) const {
+    return _mm512_cmp_ps_mask(traw, zero, _CMP_GT_OQ) & _mm512_cmp_ps_mask(traw, tmax, _CMP_LT_OQ);
+  }
+};
+
+// Entries [0, 16R) of a table held in R registers, read with permutes.
+template <int R>
+inline V pick(const V* r, VI i) {
+  if constexpr (R == 1) {
+    return _mm512_permutexvar_ps(i, r[0]);
+  } else if constexpr (R == 2) {
+    return _mm512_permutex2var_ps(r[0], i, r[1]);
+  } else {
+    M upper = _mm512_test_epi32_mask(i, _mm512_set1_epi32(8 * R));
+    return _mm512_mask_blend_ps(upper, pick<R / 2>(r, i), pick<R / 2>(r + R / 2, i));
+  }
+}
+
+template <int R>
+struct RegTable {
+  V r[R];
+  RegTable(const float* src, int64_t n, int64_t stride) {  // entry i is src[i*stride]
+    alignas(64) float buf[16 * R] = {};
+    for (int64_t i = 0; i < n; ++i) buf[i] = src[i * stride];
+    for (int q = 0; q < R; ++q) r[q] = _mm512_load_ps(buf + 16 * q);
+  }
+  V operator()(VI i) const { return pick<R>(r, i); }
+};
+
+template <int R, typename T>
+void forward_shared(const T* x, T* y, int64_t len, const Grid& grid, const Tables& tab) {
+  VGrid g(grid);
+  RegTable<R> c(tab.cd.data(), tab.intervals, 2), d(tab.cd.data() + 1, tab.intervals, 2);
+  for (int64_t j = 0; j < len; j += 16) {
+    M m = tail(len - j);
+    V t = g.clamp(g.coord(vload(x + j, m)));
+    VI i = g.interval(t);
+    vstore(y + j, _mm512_fmadd_ps(t, d(i), c(i)), m);
+  }
+}
+
+template <int R>
+struct SharedGrad {
+  VGrid g;
+  RegTable<R> slope;
+  SharedGrad(const Grid& grid, const Tables& tab) : g(grid), slope(tab.ds.data(), tab.intervals, 1) {}
+
+  template <bool Record, typename T>
+  void operator()(const T* x, const T* gy, T* gx, int64_t len, Records rec) const {
+    const VI lane_cell = _mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+    const VI first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const VI second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    for (int64_t j = 0; j < len; j += 16) {
+      M m = tail(len - j);
+      V traw = g.coord(vload(x + j, m));
+      V t = g.clamp(traw);
+      VI i = g.interval(t);
+      V gj = vload(gy + j, m);
+      vstore(gx + j, _mm512_maskz_mul_ps(g.inside(traw), gj, slope(i)), m);
+      if constexpr (Record) {
+        // whole vectors: lanes past len hold g = 0 and a valid cell (buffers are padded)
+        _mm512_storeu_si512(rec.cell + j, _mm512_add_epi32(_mm512_slli_epi32(i, 2), lane_cell));
+        V gb = _mm512_mul_ps(gj, _mm512_sub_ps(t, _mm512_cvtepi32_ps(i)));
+        _mm512_storeu_ps(rec.pair + 2 * j, _mm512_permutex2var_ps(gj, first, gb));
+        _mm512_storeu_ps(rec.pair + 2 * j + 16, _mm512_permutex2var_ps(gj, second, gb));
+      }
+    }
+  }
+};
+
+// Calls f(integral_constant<R>) with the register count for a shared table.
+template <typename F>
+void with_registers(int64_t intervals, const F& f) {
+  if (intervals <= 16)
+    f(std::integral_constant<int, 1>{});
+  else if (intervals <= 32)
+    f(std::integral_constant<int, 2>{});
+  else if (intervals <= 64)
+    f(std::integral_constant<int, 4>{});
+  else
+    f(std::integral_constant<int, 8>{});
+}
+}  // namespace simd
+#endif
+
+// One thread's range of a shared forward.
+template <typename T>
+void forward_shared_range(const T* x, T* y, int64_t len, const Grid& g, const Tables& tab) {
+#if AFGPT_AVX512
+  if (tab.intervals <= kMaxRegIntervals)
+    return simd::with_registers(tab.intervals, [&](auto r) {
+      simd::forward_shared<decltype(r)::value>(x, y, len, g, tab);
+    });
+#endif
+  forward_shared_plain(x, y, len, g, tab.cd.data());
+}
+
+// One thread's range of a shared backward; adds to hist ([K][4][2]) if set.
+template <typename T>
+void grad_shared_range(const T* x, const T* gy, T* gx, int64_t len, const Grid& g,
+                       const Tables& tab, double* hist) {
+  auto blocks = [&](const auto& span) {  // span(x, gy, gx, len, records) for a run of elements
+    if (!hist) return span.template operator()<false>(x, gy, gx, len, Records{});
+    alignas(64) uint32_t cell[kBlock];
+    alignas(64) float pair[2 * kBlock];
+    for (int64_t j = 0; j < len; j += kBlock) {
+      int64_t n = std::min(kBlock, len - j);
+      span.template operator()<true>(x + j, gy + j, gx + j, n, Records{cell, pair});
+      add_records(cell, pair, n, hist);
+    }
+  };
+#if AFGPT_AVX512
+  if (tab.intervals <= kMaxRegIntervals)
+    return simd::with_registers(tab.intervals, [&](auto r) {
+      blocks(simd::SharedGrad<decltype(r)::value>(g, tab));
+    });
+#endif
+  blocks(PlainSharedGrad{g, tab.ds.data()});
+}
+
+template <typename T>
+void forward_shared(const T* x, T* y, int64_t n, const Grid& g, const Tables& tab) {
+  parallel_ranges(n, threads_for(n), [&](int, int64_t b, int64_t e) {
+    forward_shared_range(x + b, y + b, e - b, g, tab);
+  });
+}
+
+// Per-thread histograms, summed in thread order (deterministic for a given thread count).
+template <typename T>
+void backward_shared(const T* x, const T* gy, T* gx, int64_t n, const Grid& g, const Tables& tab,
+                     double* hist) {
+  int nt = threads_for(n);
+  int64_t k = tab.intervals + 1;
+  std::vector<double> part(hist ? nt * k * 8 : 0, 0.0);  // per thread [K][4][2]
+  parallel_ranges(n, nt, [&](int tid, int64_t b, int64_t e) {
+    grad_shared_range(x + b, gy + b, gx + b, e - b, g, tab, hist ? &part[tid * k * 8] : nullptr);
+  });
+  if (!hist) return;
+  for (int tid = 0; tid < nt; ++tid)
+    for (int64_t q = 0; q < k * 4; ++q)
+      for (int ab = 0; ab < 2; ++ab) hist[(q / 4) * 2 + ab] += part[(tid * k * 4 + q) * 2 + ab];
+}
+
+// ======== per-channel splines: one table per channel of the last dimension ========
+// A tile is up to kTileRows rows x kTileCols channels [c, c+w) of a [rows, ch] matrix (c a
+// multiple of kLanes), staged through buffers indexed q = row*w + col: a vectorisable pass
+// computes table positions, a scalar pass reads tables and adds to histograms, and a
+// vectorisable pass writes the outputs.
+struct Tile {
+  std::vector<uint32_t> table_off, hist_off;  // per column: offset of its table / histogram
+  std::vector<uint32_t> pos = std::vector<uint32_t>(kTileRows * kTileCols, 0);
+  std::vector<uint32_t> cell = std::vector<uint32_t>(kTileRows * kTileCols, 0);
+  std::vector<float> a = std::vector<float>(kTileRows * kTileCols, 0.f);
+  std::vector<float> b = std::vector<float>(kTileRows * kTileCols, 0.f);
+  std::vector<float> pair = std::vector<float>(2 * kTileRows * kTileCols, 0.f);
+
+  // Column l's entry for interval i is at table_off[l] + i*kLanes of the tile's first block;
+  // histograms are [blocks][K][kLanes] cells.
+  explicit Tile(int64_t intervals) : table_off(kTileCols), hist_off(kTileCols) {
+    for (int64_t l = 0; l < kTileCols; ++l) {
+      table_off[l] = uint32_t(l / kLanes * intervals * kLanes + l % kLanes);
+      hist_off[l] = uint32_t(l / kLanes * (intervals + 1) * kLanes + l % kLanes);
+    }
+  }
+};
+
+// Visits rows [rb, re) x channels [cb, ce) tile by tile, calling f(r0, rows, c, w).
+template <typename F>
+void for_tiles(int64_t rb, int64_t re, int64_t cb, int64_t ce, const F& f) {
+  for (int64_t r0 = rb; r0 < re; r0 += kTileRows)
+    for (int64_t c = cb; c < ce; c += kTileCols)
+      f(r0, std::min(kTileRows, re - r0), c, std::min(kTileCols, ce - c));
+}
+
+// out[q] = c + t[q]*d with (c, d) the table pair at pos[q].
+AFGPT_SCALAR void lookup_lerp(const uint32_t* __restrict pos, const float* __restrict t,
+                              const float* __restrict cd, int64_t n, float* __restrict out) {
+  for (int64_t q = 0; q < n; ++q) out[q] = cd[2 * pos[q]] + t[q] * cd[2 * pos[q] + 1];
+}
+
+// out[q] = g[q] * ds[pos[q]].
+AFGPT_SCALAR void lookup_scale(const uint32_t* __restrict pos, const float* __restrict g,
+                               const float* __restrict ds, int64_t n, float* __restrict out) {
+  for (int64_t q = 0; q < n; ++q) out[q] = g[q] * ds[pos[q]];
+}
+
+// x, y point at the tile's first element; cd at its first channel block's table.
+template <typename T>
+void forward_tile(const T* x, T* y, int64_t rows, int64_t ch, int64_t w, Grid g,
+                  const float* __restrict cd, Tile& tile) {
+  const uint32_t* __restrict off = tile.table_off.data();
+  uint32_t* __restrict pos = tile.pos.data();
+  float* __restrict t = tile.a.data();
+  float* __restrict out = tile.b.data();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t l = 0; l < w; ++l) {
+      float tc = clamp_t((load(x[r * ch + l]) - g.a0) * g.inv_h, g.tmax);
+      pos[r * w + l] = off[l] + uint32_t(interval(tc, g.kmax) * kLanes);
+      t[r * w + l] = tc;
+    }
+  lookup_lerp(pos, t, cd, rows * w, out);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t l = 0; l < w; ++l) store(y + r * ch + l, out[r * w + l]);
+}
+
+// grad_x of one tile; with Record, its histogram records are added to hist.
+template <bool Record, typename T>
+void grad_tile(const T* x, const T* gy, T* gx, int64_t rows, int64_t ch, int64_t w, Grid g,
+               const float* __restrict ds, Tile& tile, double* hist) {
+  const uint32_t* __restrict off = tile.table_off.data();
+  const uint32_t* __restrict hoff = tile.hist_off.data();
+  uint32_t* __restrict pos = tile.pos.data();
+  uint32_t* __restrict cell = tile.cell.data();
+  float* __restrict g_in = tile.a.data();  // g where the slope counts, else 0
+  float* __restrict out = tile.b.data();
+  float* __restrict pair = tile.pair.data();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t l = 0; l < w; ++l) {
+      int64_t q = r * w + l;
+      float gj = load(gy[r * ch + l]);
+      float traw = (load(x[r * ch + l]) - g.a0) * g.inv_h;
+      float t = clamp_t(traw, g.tmax);
+      int i = interval(t, g.kmax);
+      pos[q] = off[l] + uint32_t(i * kLanes);
+      g_in[q] = inside(traw, g.tmax) ? gj : 0.f;
+      if constexpr (Record) {
+        cell[q] = hoff[l] + uint32_t(i * kLanes);
+        pair[2 * q] = gj;
+        pair[2 * q + 1] = gj * (t - float(i));
+      }
+    }
+  lookup_scale(pos, g_in, ds, rows * w, out);
+  if constexpr (Record) add_records(cell, pair, rows * w, hist);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t l = 0; l < w; ++l) store(gx + r * ch + l, out[r * w + l]);
+}
+template <typename T>
+void forward_channels(const T* x, T* y, int64_t rows, const Grid& g, const Tables& tab) {
+  int64_t ch = tab.splines;
+  parallel_ranges(rows, threads_for(rows * ch), [&](int, int64_t b, int64_t e) {
+    Tile tile(tab.intervals);
+    for_tiles(b, e, 0, ch, [&](int64_t r0, int64_t n, int64_t c, int64_t w) {
+      int64_t o = r0 * ch + c;
+      forward_tile(x + o, y + o, n, ch, w, g, tab.cd.data() + 2 * tab.block(c), tile);
+    });
+  });
+}
+
+// Channels [b, e) of all rows into hist [C][K][2], through per-block histograms [K][kLanes][2].
+template <typename T>
+void channel_hist_range(const T* x, const T* gy, T* gx, int64_t rows, int64_t b, int64_t e,
+                        const Grid& g, const Tables& tab, double* hist) {
+  int64_t ch = tab.splines, k = tab.intervals + 1;
+  std::vector<double> local((e - b + kLanes - 1) / kLanes * kLanes * k * 2, 0.0);  // [blocks][K][kLanes][2]
+  Tile tile(tab.intervals);
+  for_tiles(0, rows, b, e, [&](int64_t r0, int64_t n, int64_t c, int64_t w) {
+    int64_t o = r0 * ch + c;
+    grad_tile<true>(x + o, gy + o, gx + o, n, ch, w, g, tab.ds.data() + tab.block(c), tile,
+                    &local[(c - b) * k * 2]);
+  });
+  for (int64_t s = b; s < e; ++s)
+    for (int64_t i = 0; i < k; ++i)
+      for (int ab = 0; ab < 2; ++ab)
+        hist[(s * k + i) * 2 + ab] =
+            local[(((s - b) / kLanes * k + i) * kLanes + (s - b) % kLanes) * 2 + ab];
+}
+
+// With a values gradient each thread owns a channel range, so histograms need no reduction and
+// the result does not depend on the thread count; without, rows are split.
+template <typename T>
+void backward_channels(const T* x, const T* gy, T* gx, int64_t rows, const Grid& g,
+                       const Tables& tab, double* hist) {
+  int64_t ch = tab.splines;
+  int nt = threads_for(rows * ch);
+  if (!hist) {
+    parallel_ranges(rows, nt, [&](int, int64_t b, int64_t e) {
+      Tile tile(tab.intervals);
+      for_tiles(b, e, 0, ch, [&](int64_t r0, int64_t n, int64_t c, int64_t w) {
+        int64_t o = r0 * ch + c;
+        grad_tile<false>(x + o, gy + o, gx + o, n, ch, w, g, tab.ds.data() + tab.block(c), tile,
+                         nullptr);
+      });
+    });
+    return;
+  }
+  nt = int(std::min<int64_t>(nt, std::max<int64_t>(1, ch / 64)));
+  parallel_ranges(ch, nt, [&](int, int64_t b, int64_t e) {
+    if (e > b) channel_hist_range(x, gy, gx, rows, b, e, g, tab, hist);
+  });
+}
+
+// grad_v[k] = A[k] - B[k] + B[k-1] from histograms laid out [S][K][2] (A, B); A, B of K-1 are 0.
+void values_grad_from_hist(const double* hist, float* gv, int64_t splines, int64_t k) {
+  for (int64_t s = 0; s < splines; ++s) {
+    const double* h = hist + s * k * 2;
+    for (int64_t j = 0; j < k; ++j)
+      gv[s * k + j] = float(h[j * 2] - h[j * 2 + 1] + (j > 0 ? h[(j - 1) * 2 + 1] : 0.0));
+  }
+}
+
+// ---- op entry points ----
+void check_inputs(const at::Tensor& x, const at::Tensor& v) {
+  TORCH_CHECK(x.device().is_cpu() && v.device().is_cpu(), "spline_cpu: CPU tensors expected");
+  TORCH_CHECK(v.scalar_type() == at::kFloat, "spline_cpu: values must be float32");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "spline_cpu: x must be float32 or bfloat16");
+  TORCH_CHECK(v.size(-1) >= 2, "spline_cpu: need at least 2 anchors");
+  TORCH_CHECK(v.dim() == 1 || (v.dim() == 2 && x.dim() >= 1 && x.size(-1) == v.size(0)),
+              "spline_cpu: values must be [K] or [C, K] with C == x.shape[-1]");
+  TORCH_CHECK(v.numel() < (int64_t(1) << 26), "spline_cpu: too many spline values");
+}
+
+// Calls f(T{}) with the element type of x: float, or uint16_t for bf16 bits.
+template <typename F>
+void dispatch_dtype(const at::Tensor& x, const F& f) {
+  if (x.scalar_type() == at::kFloat)
+    f(float{});
+  else
+    f(uint16_t{});
+}
+
+at::Tensor forward(const at::Tensor& x_in, const at::Tensor& v_in, double x_min, double x_max) {
+  check_inputs(x_in, v_in);
+  at::Tensor x = x_in.contiguous(), v = v_in.contiguous();
+  at::Tensor y = at::empty_like(x);
+  int64_t k = v.size(-1), splines = v.dim() == 1 ? 1 : v.size(0);
+  Grid g = make_grid(k, x_min, x_max);
+  Tables tab = make_tables(v.data_ptr<float>(), splines, k, g.inv_h, false);
+  dispatch_dtype(x, [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = static_cast<const T*>(x.data_ptr());
+    T* yp = static_cast<T*>(y.data_ptr());
+    if (v.dim() == 1)
+      forward_shared(xp, yp, x.numel(), g, tab);
+    else
+      forward_channels(xp, yp, x.numel() / splines, g, tab);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& gy_in, const at::Tensor& x_in,
+                                            const at::Tensor& v_in, double x_min, double x_max,
+                                            bool values_grad) {
+  check_inputs(x_in, v_in);
+  TORCH_CHECK(gy_in.sizes() == x_in.sizes() && gy_in.scalar_type() == x_in.scalar_type(),
+              "spline_cpu: grad must match x");
+  at::Tensor x = x_in.contiguous(), v = v_in.contiguous(), gy = gy_in.contiguous();
+  at::Tensor gx = at::empty_like(x);
+  int64_t k = v.size(-1), splines = v.dim() == 1 ? 1 : v.size(0);
+  Grid g = make_grid(k, x_min, x_max);
+  Tables tab = make_tables(v.data_ptr<float>(), splines, k, g.inv_h, true);
+  std::vector<double> hist(values_grad ? splines * k * 2 : 0, 0.0);
+  double* hp = values_grad ? hist.data() : nullptr;
+  dispatch_dtype(x, [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = static_cast<const T*>(x.data_ptr());
+    const T* gp = static_cast<const T*>(gy.data_ptr());
+    T* gxp = static_cast<T*>(gx.data_ptr());
+    if (v.dim() == 1)
+      backward_shared(xp, gp, gxp, x.numel(), g, tab, hp);
+    else
+      backward_channels(xp, gp, gxp, x.numel() / splines, g, tab, hp);
+  });
+  at::Tensor gv = at::empty(values_grad ? v.sizes() : at::IntArrayRef{0}, v.options());
+  if (values_grad) values_grad_from_hist(hist.data(), gv.data_ptr<float>(), splines, k);
+  return {gx, gv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(afgpt_spline_cpu, m) {
+  m.def("forward(Tensor x, Tensor values, float x_min, float x_max) -> Tensor");
+  m.def(
+      "backward(Tensor grad, Tensor x, Tensor values, float x_min, float x_max, bool values_grad)"
+      " -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(afgpt_spline_cpu, CPU, m) {
+  m.impl("forward", &forward);
+  m.impl("backward", &backward);
+}

@@ -1,0 +1,118 @@
+"""Forward+backward speed and saved-for-backward memory of spline activations vs GELU/ReLU.
+
+All candidates run side by side in one process, interleaved round by round, and each figure
+is the median over rounds, so machine noise hits every candidate alike. Ratios are to GELU
+and to an eager re-implementation of the lm-afs spline formulation (bucketize + gather + lerp).
+
+    python bench/bench_activations.py [--rounds 7] [--dtype fp32|bf16|both]
+"""
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from afgpt.spline_kernels import kernel_enabled, spline
+
+X_MIN, X_MAX = -4.0, 4.0
+
+
+def lm_afs(x: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """The lm-afs formulation, left to autograd: bucketize, gather both ends, lerp."""
+    k = vals.shape[-1]
+    anchors = torch.linspace(X_MIN, X_MAX, k, device=x.device, dtype=x.dtype)
+    step = (X_MAX - X_MIN) / (k - 1)
+    idx = (torch.bucketize(x, anchors) - 1).clamp(0, k - 2)
+    x0 = anchors[0] + idx * step
+    frac = ((x - x0) / step).clamp(0, 1)
+    if vals.dim() == 1:
+        v0, v1 = vals[idx], vals[idx + 1]
+    else:
+        dim = torch.arange(vals.shape[0], device=x.device)
+        v0, v1 = vals[dim, idx], vals[dim, idx + 1]
+    return v0 + frac * (v1 - v0)
+
+
+def candidates(channels: int, k: int) -> dict[str, tuple[Callable, torch.Tensor | None]]:
+    """name -> (activation f(x, params), learnable params or None)."""
+    grid = torch.linspace(X_MIN, X_MAX, k)
+    shared = torch.nn.functional.gelu(grid).requires_grad_()
+    per_channel = torch.nn.functional.gelu(grid).repeat(channels, 1).requires_grad_()
+    return {
+        "gelu": (lambda x, p: torch.nn.functional.gelu(x), None),
+        "relu": (lambda x, p: torch.relu(x), None),
+        "spline": (lambda x, p: spline(x, p, X_MIN, X_MAX), shared),
+        "spline/ch": (lambda x, p: spline(x, p, X_MIN, X_MAX), per_channel),
+        "lm-afs": (lm_afs, shared),
+        "lm-afs/ch": (lm_afs, per_channel),
+    }
+
+
+def step(f: Callable, x: torch.Tensor, p: torch.Tensor | None, grad: torch.Tensor) -> None:
+    inputs = [x] if p is None else [x, p]
+    torch.autograd.grad(f(x, p), inputs, grad)
+
+
+def saved_bytes_per_element(f: Callable, x: torch.Tensor, p: torch.Tensor | None) -> float:
+    """Bytes autograd keeps for the backward (distinct storages), per input element."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        f(x, p)
+    return sum(storages.values()) / x.numel()
+
+
+def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    """Median seconds per call; each round runs every candidate for ~0.1 s in turn."""
+    calls = {}
+    for name, fn in fns.items():  # warm-up, and calls per round for ~0.1 s
+        fn()
+        start = time.perf_counter()
+        fn()
+        calls[name] = max(1, int(0.1 / (time.perf_counter() - start)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / calls[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def run_case(shape: tuple[int, ...], k: int, dtype: torch.dtype, rounds: int) -> None:
+    x = (torch.randn(shape) * 1.5).to(dtype).requires_grad_()
+    grad = torch.randn(shape).to(dtype)
+    cands = candidates(shape[-1], k)
+    fns = {name: (lambda f=f, p=p: step(f, x, p, grad)) for name, (f, p) in cands.items()}
+    times = time_interleaved(fns, rounds)
+    print(f"\nshape {list(shape)}  K={k}  {str(dtype).removeprefix('torch.')}")
+    print(f"{'activation':<11}{'fwd+bwd ms':>11}{'x GELU':>8}{'lm-afs / this':>15}{'saved B/elem':>14}")
+    for name, (f, p) in cands.items():
+        ref = times["lm-afs/ch" if name.endswith("/ch") else "lm-afs"]
+        print(f"{name:<11}{times[name] * 1e3:>11.2f}{times[name] / times['gelu']:>8.2f}"
+              f"{ref / times[name]:>15.1f}{saved_bytes_per_element(f, x, p):>14.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
+    args = parser.parse_args()
+    dtypes = {"fp32": [torch.float32], "bf16": [torch.bfloat16],
+              "both": [torch.float32, torch.bfloat16]}[args.dtype]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"spline backend: {'C++ kernel' if kernel_enabled() else 'PyTorch fallback'}")
+    for dtype in dtypes:
+        for shape in [(16, 256, 1024), (16, 256, 512)]:
+            for k in (64, 128):
+                run_case(shape, k, dtype, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
