@@ -62,7 +62,7 @@ class TrainConfig:
     context_size: int | None = None
     doc_masking: bool = True  # keep attention inside documents (lm-afs)
     # optimisation
-    max_steps: int = 600
+    max_steps: int = 200  # ~4 epochs of the built-in corpus; more only memorises it
     per_device_train_batch_size: int = 16
     seq_length: int = 128
     gradient_accumulation_steps: int = 1
@@ -71,8 +71,8 @@ class TrainConfig:
     adam_beta2: float = 0.95
     weight_decay: float = 0.0
     lr_scheduler_type: str = "trap"
-    warmup_steps: int = 60
-    cooldown_steps: int = 300
+    warmup_steps: int = 20
+    cooldown_steps: int = 100
     max_grad_norm: float = 0.0  # 0 = no clipping
     af_lr: float = 0.1  # > 0 Adam, < 0 SGD with |af_lr|, 0 frozen
     af_adam_beta1: float = 0.99
@@ -81,9 +81,9 @@ class TrainConfig:
     seed: int = 0
     # logging and checkpoints
     logging_steps: int = 10
-    eval_steps: int = 100
+    eval_steps: int = 50
     eval_batches: int = 8
-    save_steps: int = 200
+    save_steps: int = 100
     run_name: str = ""
     log_file: str | None = None  # default: <output_dir>/train.log
 
