@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from afgpt.spline_kernels import cpu_kernel, spline, torch_spline
+from afgpt import spline_torch as torch_spline
+from afgpt.spline_kernels import cpu_kernel, spline
 
 LO, HI = -2.0, 2.0
 needs_kernel = pytest.mark.skipif(not cpu_kernel.load(), reason="spline CPU kernel did not build")

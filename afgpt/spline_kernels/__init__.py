@@ -11,7 +11,8 @@ import warnings
 
 import torch
 
-from . import cpu_kernel, torch_spline
+from .. import spline_torch as torch_spline
+from . import cpu_kernel
 
 BACKENDS = ("auto", "cpp", "torch")
 _warned: list[bool] = []
