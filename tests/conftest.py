@@ -26,6 +26,19 @@ def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch
     return model
 
 
+class RandomTokens(torch.utils.data.Dataset):
+    """Fixed random token rows as a transformers.Trainer dataset (labels = inputs, the loss shifts them)."""
+
+    def __init__(self, n: int = 24, seq: int = 16, vocab: int = 97):
+        self.data = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.data[i], "labels": self.data[i]}
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -10,7 +10,7 @@ from transformers import (
 )
 
 import afgpt
-from conftest import perturb, tiny_config
+from conftest import RandomTokens, perturb, tiny_config
 
 
 def test_auto_classes_know_afgpt():
@@ -54,17 +54,6 @@ def test_text_generation_pipeline(gpt2_tokenizer):
     out = generator("The activation function", max_new_tokens=5, do_sample=False)
     assert out[0]["generated_text"].startswith("The activation function")
     assert len(gpt2_tokenizer(out[0]["generated_text"])["input_ids"]) > 3
-
-
-class RandomTokens(torch.utils.data.Dataset):
-    def __init__(self, n=24, seq=16):
-        self.data = torch.randint(0, 97, (n, seq), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.data[i], "labels": self.data[i]}
 
 
 def test_trainer_runs_three_steps_and_learns(tmp_path):

@@ -14,7 +14,7 @@ from afgpt import training
 from afgpt.cli import main
 from afgpt.data import write_shard
 from afgpt.training import AfTrainer, ActivationPlotCallback, TrainConfig, lr_factor, train
-from conftest import tiny_config
+from conftest import RandomTokens, tiny_config
 
 
 def tiny_run(tmp_path, shared_data=None, **overrides) -> TrainConfig:
@@ -204,24 +204,13 @@ def test_model_and_tokenizer_vocabularies_must_match(tmp_path, shared_data, caps
     assert "vocab_size 256 but the tokenizer has 384" in str(code)
 
 
-class Windows(torch.utils.data.Dataset):
-    def __init__(self):
-        self.data = torch.randint(0, 97, (16, 12), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.data[i], "labels": self.data[i]}
-
-
 def test_af_trainer_gives_activations_their_own_lr_and_betas_and_plots_them(tmp_path):
     model = afgpt.AfGPTForCausalLM(tiny_config(af_type="spline;att-spline"))
     before = model.model.activations.mlp[0].values.detach().clone()
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
                              report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
                              lr_scheduler_type="constant")
-    trainer = AfTrainer(model=model, args=args, train_dataset=Windows(), af_lr=0.05, af_betas=(0.9, 0.99),
+    trainer = AfTrainer(model=model, args=args, train_dataset=RandomTokens(), af_lr=0.05, af_betas=(0.9, 0.99),
                         callbacks=[ActivationPlotCallback()])
     trainer.train()
     groups = trainer.optimizer.param_groups
@@ -237,7 +226,7 @@ def test_af_trainer_freezes_activations_with_zero_lr(tmp_path):
     before = model.model.activations.mlp[0].values.detach().clone()
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
                              save_strategy="no", use_cpu=True, disable_tqdm=True)
-    AfTrainer(model=model, args=args, train_dataset=Windows(), af_lr=0.0).train()
+    AfTrainer(model=model, args=args, train_dataset=RandomTokens(), af_lr=0.0).train()
     assert torch.equal(model.model.activations.mlp[0].values, before)
 
 
