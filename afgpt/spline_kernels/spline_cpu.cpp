@@ -6,11 +6,10 @@
 // The backward recomputes i from x (nothing else is saved) and builds the values gradient from
 // histograms A[i] += g, B[i] += g*(t-i) in double: grad_v[k] = A[k] - B[k] + B[k-1].
 //
-// Table lookups decide the speed, and vector gathers are slow on some CPUs (~2 cycles per
-// element on AMD Zen 4), so they are avoided: with AVX-512 a shared spline's tables (<= 128
-// intervals) live in registers and are read with permutes; per-channel splines go through
-// small tiles: a vectorisable pass computes table positions, a scalar pass reads the tables
-// (and adds to the histograms), and a vectorisable pass writes the outputs.
+// Table lookups decide the speed. With AVX-512 a shared spline's tables (<= 128 intervals) live
+// in registers and are read with permutes (gathers cost ~2 cycles per element on AMD Zen 4);
+// per-channel tables are read with gathers, tile by tile so that tables and histograms stay
+// in cache. Other CPUs run plain loops that the compiler vectorises as far as it can.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -37,19 +36,7 @@ constexpr int64_t kSerialBelow = 32768;    // elements: below this, threads cost
 constexpr int64_t kBlock = 512;            // shared backward: elements per record/histogram pass
 constexpr int64_t kMaxRegIntervals = 128;  // largest shared table kept in registers
 constexpr int64_t kLanes = 16;             // per-channel tables: channels per block
-#ifndef AFGPT_TILE_ROWS
-#define AFGPT_TILE_ROWS 1
-#define AFGPT_TILE_COLS 256
-#endif
-constexpr int64_t kTileRows = AFGPT_TILE_ROWS;  // per-channel tiles: rows per tile
-constexpr int64_t kTileCols = AFGPT_TILE_COLS;  // per-channel tiles: channels (multiple of kLanes)
-
-// Table-reading loops stay scalar: compilers otherwise emulate gathers with costly lane shuffles.
-#if defined(__GNUC__) && !defined(__clang__)
-#define AFGPT_SCALAR __attribute__((optimize("no-tree-vectorize")))
-#else
-#define AFGPT_SCALAR
-#endif
+constexpr int64_t kTileRows = 4;           // per-channel tiles: rows per tile (measured best)
 
 // ---- element conversion (bf16 is stored as uint16; round-to-nearest-even like torch) ----
 inline float load(float v) { return v; }
@@ -117,8 +104,15 @@ Tables make_tables(const float* v, int64_t splines, int64_t k, float inv_h, bool
   return tab;
 }
 
-// Adds histogram records: pair (g, g*(t - i)) q goes to (A, B) cell cell[q] of hist.
-AFGPT_SCALAR void add_records(const uint32_t* cell, const float* pair, int64_t n, double* hist) {
+// Histogram records of a run of elements, filled by the backward loops: per element the cell
+// of its (A, B) pair and the pair (g, g*(t - i)) to add there.
+struct Records {
+  uint32_t* cell;
+  float* pair;
+};
+
+// Adds n records to hist, cell c being hist[2c], hist[2c+1].
+void add_records(const uint32_t* cell, const float* pair, int64_t n, double* hist) {
   for (int64_t q = 0; q < n; ++q) {
     double* h = hist + 2 * int64_t(cell[q]);
     h[0] += pair[2 * q];
@@ -142,13 +136,8 @@ void parallel_ranges(int64_t n, int nt, const F& f) {
 }
 
 // ======== shared spline: one table for all elements ========
-// The backward records, per element, its histogram cell and pair; shared histograms are
-// [K][4][2] with element j in copy j % 4, so runs of equal intervals do not serialise on one
-// memory cell: cell = i*4 + j % 4.
-struct Records {
-  uint32_t* cell;
-  float* pair;
-};
+// Shared histograms are [K][4][2] with element j in copy j % 4 (cell = i*4 + j % 4), so runs
+// of equal intervals do not serialise on one memory cell.
 
 template <typename T>
 void forward_shared_plain(const T* __restrict x, T* __restrict y, int64_t len, Grid g,
@@ -188,7 +177,7 @@ struct PlainSharedGrad {
 };
 
 #if AFGPT_AVX512
-// ---- AVX-512 loops for the shared spline: 16 lanes, masked tails ----
+// ---- AVX-512 helpers and shared-spline loops: 16 lanes, masked tails ----
 namespace simd {
 using V = __m512;
 using VI = __m512i;
@@ -365,127 +354,150 @@ void backward_shared(const T* x, const T* gy, T* gx, int64_t n, const Grid& g, c
 }
 
 // ======== per-channel splines: one table per channel of the last dimension ========
-// A tile is up to kTileRows rows x kTileCols channels [c, c+w) of a [rows, ch] matrix (c a
-// multiple of kLanes), staged through buffers indexed q = row*w + col: a vectorisable pass
-// computes table positions, a scalar pass reads tables and adds to histograms, and a
-// vectorisable pass writes the outputs.
-struct Tile {
-  std::vector<uint32_t> table_off, hist_off;  // per column: offset of its table / histogram
-  std::vector<uint32_t> pos = std::vector<uint32_t>(kTileRows * kTileCols, 0);
-  std::vector<uint32_t> cell = std::vector<uint32_t>(kTileRows * kTileCols, 0);
-  std::vector<float> a = std::vector<float>(kTileRows * kTileCols, 0.f);
-  std::vector<float> b = std::vector<float>(kTileRows * kTileCols, 0.f);
-  std::vector<float> pair = std::vector<float>(2 * kTileRows * kTileCols, 0.f);
+// Channels go by blocks of kLanes (one vector), whose tables [K-1][kLanes] hold lane l's entry
+// for interval i at i*kLanes + l. Work goes by tiles of kTileRows rows x one block, so a
+// histogram block serves several rows while few enough rows stream to prefetch well.
 
-  // Column l's entry for interval i is at table_off[l] + i*kLanes of the tile's first block;
-  // histograms are [blocks][K][kLanes] cells.
-  explicit Tile(int64_t intervals) : table_off(kTileCols), hist_off(kTileCols) {
-    for (int64_t l = 0; l < kTileCols; ++l) {
-      table_off[l] = uint32_t(l / kLanes * intervals * kLanes + l % kLanes);
-      hist_off[l] = uint32_t(l / kLanes * (intervals + 1) * kLanes + l % kLanes);
+template <typename T>
+void forward_block_plain(const T* __restrict x, T* __restrict y, int64_t w, Grid g,
+                         const float* __restrict cd) {
+  for (int64_t l = 0; l < w; ++l) {
+    float t = clamp_t((load(x[l]) - g.a0) * g.inv_h, g.tmax);
+    int64_t at = interval(t, g.kmax) * kLanes + l;
+    store(y + l, cd[2 * at] + t * cd[2 * at + 1]);
+  }
+}
+
+// Records use cell = i*kLanes + lane in a block histogram [K][kLanes][2].
+template <bool Record, typename T>
+void grad_block_plain(const T* __restrict x, const T* __restrict gy, T* __restrict gx, int64_t w,
+                      Grid g, const float* __restrict ds, Records rec) {
+  for (int64_t l = 0; l < w; ++l) {
+    float gj = load(gy[l]);
+    float traw = (load(x[l]) - g.a0) * g.inv_h;
+    float t = clamp_t(traw, g.tmax);
+    int i = interval(t, g.kmax);
+    float slope = ds[i * kLanes + l];
+    store(gx + l, inside(traw, g.tmax) ? gj * slope : 0.f);
+    if constexpr (Record) {
+      rec.cell[l] = uint32_t(i * kLanes + l);
+      rec.pair[2 * l] = gj;
+      rec.pair[2 * l + 1] = gj * (t - float(i));
     }
   }
-};
+}
+
+#if AFGPT_AVX512
+namespace simd {
+// Per-channel table position of each lane: i*kLanes + lane.
+inline VI block_at(VI i) {
+  return _mm512_add_epi32(_mm512_slli_epi32(i, 4),
+                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+
+// One row of a block (w <= 16 lanes); the (c, d) pairs are gathered as 64-bit words.
+template <typename T>
+void forward_block(const T* x, T* y, int64_t w, const VGrid& g, const float* cd) {
+  static_assert(kLanes == 16, "one vector per block");
+  M m = tail(w);
+  V t = g.clamp(g.coord(vload(x, m)));
+  VI at = block_at(g.interval(t));
+  const double* pairs = reinterpret_cast<const double*>(cd);
+  V lo = _mm512_castpd_ps(_mm512_mask_i32gather_pd(_mm512_setzero_pd(), __mmask8(m),
+                                                   _mm512_castsi512_si256(at), pairs, 8));
+  V hi = _mm512_castpd_ps(_mm512_mask_i32gather_pd(_mm512_setzero_pd(), __mmask8(m >> 8),
+                                                   _mm512_extracti64x4_epi64(at, 1), pairs, 8));
+  const VI even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  V c = _mm512_permutex2var_ps(lo, even, hi);
+  V d = _mm512_permutex2var_ps(lo, _mm512_add_epi32(even, _mm512_set1_epi32(1)), hi);
+  vstore(y, _mm512_fmadd_ps(t, d, c), m);
+}
+
+// Records are whole vectors: lanes past w hold g = 0 and a valid cell.
+template <bool Record, typename T>
+void grad_block(const T* x, const T* gy, T* gx, int64_t w, const VGrid& g, const float* ds,
+                Records rec) {
+  M m = tail(w);
+  V traw = g.coord(vload(x, m));
+  V t = g.clamp(traw);
+  VI i = g.interval(t);
+  VI at = block_at(i);
+  V gj = vload(gy, m);
+  V slope = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, at, ds, 4);
+  vstore(gx, _mm512_maskz_mul_ps(g.inside(traw), gj, slope), m);
+  if constexpr (Record) {
+    const VI first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const VI second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    V gb = _mm512_mul_ps(gj, _mm512_sub_ps(t, _mm512_cvtepi32_ps(i)));
+    _mm512_storeu_si512(rec.cell, at);
+    _mm512_storeu_ps(rec.pair, _mm512_permutex2var_ps(gj, first, gb));
+    _mm512_storeu_ps(rec.pair + 16, _mm512_permutex2var_ps(gj, second, gb));
+  }
+}
+}  // namespace simd
+#endif
+
+// One row of a block's channels (w <= kLanes); cd / ds point at the block's table.
+template <typename T>
+void forward_block_any(const T* x, T* y, int64_t w, const Grid& g, const float* cd) {
+#if AFGPT_AVX512
+  simd::forward_block(x, y, w, simd::VGrid(g), cd);
+#else
+  forward_block_plain(x, y, w, g, cd);
+#endif
+}
+
+template <bool Record, typename T>
+void grad_block_any(const T* x, const T* gy, T* gx, int64_t w, const Grid& g, const float* ds,
+                    Records rec) {
+#if AFGPT_AVX512
+  simd::grad_block<Record>(x, gy, gx, w, simd::VGrid(g), ds, rec);
+#else
+  grad_block_plain<Record>(x, gy, gx, w, g, ds, rec);
+#endif
+}
 
 // Visits rows [rb, re) x channels [cb, ce) tile by tile, calling f(r0, rows, c, w).
 template <typename F>
 void for_tiles(int64_t rb, int64_t re, int64_t cb, int64_t ce, const F& f) {
   for (int64_t r0 = rb; r0 < re; r0 += kTileRows)
-    for (int64_t c = cb; c < ce; c += kTileCols)
-      f(r0, std::min(kTileRows, re - r0), c, std::min(kTileCols, ce - c));
+    for (int64_t c = cb; c < ce; c += kLanes)
+      f(r0, std::min(kTileRows, re - r0), c, std::min(kLanes, ce - c));
 }
 
-// out[q] = c + t[q]*d with (c, d) the table pair at pos[q].
-AFGPT_SCALAR void lookup_lerp(const uint32_t* __restrict pos, const float* __restrict t,
-                              const float* __restrict cd, int64_t n, float* __restrict out) {
-  for (int64_t q = 0; q < n; ++q) out[q] = cd[2 * pos[q]] + t[q] * cd[2 * pos[q] + 1];
-}
-
-// out[q] = g[q] * ds[pos[q]].
-AFGPT_SCALAR void lookup_scale(const uint32_t* __restrict pos, const float* __restrict g,
-                               const float* __restrict ds, int64_t n, float* __restrict out) {
-  for (int64_t q = 0; q < n; ++q) out[q] = g[q] * ds[pos[q]];
-}
-
-// x, y point at the tile's first element; cd at its first channel block's table.
-template <typename T>
-void forward_tile(const T* x, T* y, int64_t rows, int64_t ch, int64_t w, Grid g,
-                  const float* __restrict cd, Tile& tile) {
-  const uint32_t* __restrict off = tile.table_off.data();
-  uint32_t* __restrict pos = tile.pos.data();
-  float* __restrict t = tile.a.data();
-  float* __restrict out = tile.b.data();
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t l = 0; l < w; ++l) {
-      float tc = clamp_t((load(x[r * ch + l]) - g.a0) * g.inv_h, g.tmax);
-      pos[r * w + l] = off[l] + uint32_t(interval(tc, g.kmax) * kLanes);
-      t[r * w + l] = tc;
-    }
-  lookup_lerp(pos, t, cd, rows * w, out);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t l = 0; l < w; ++l) store(y + r * ch + l, out[r * w + l]);
-}
-
-// grad_x of one tile; with Record, its histogram records are added to hist.
-template <bool Record, typename T>
-void grad_tile(const T* x, const T* gy, T* gx, int64_t rows, int64_t ch, int64_t w, Grid g,
-               const float* __restrict ds, Tile& tile, double* hist) {
-  const uint32_t* __restrict off = tile.table_off.data();
-  const uint32_t* __restrict hoff = tile.hist_off.data();
-  uint32_t* __restrict pos = tile.pos.data();
-  uint32_t* __restrict cell = tile.cell.data();
-  float* __restrict g_in = tile.a.data();  // g where the slope counts, else 0
-  float* __restrict out = tile.b.data();
-  float* __restrict pair = tile.pair.data();
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t l = 0; l < w; ++l) {
-      int64_t q = r * w + l;
-      float gj = load(gy[r * ch + l]);
-      float traw = (load(x[r * ch + l]) - g.a0) * g.inv_h;
-      float t = clamp_t(traw, g.tmax);
-      int i = interval(t, g.kmax);
-      pos[q] = off[l] + uint32_t(i * kLanes);
-      g_in[q] = inside(traw, g.tmax) ? gj : 0.f;
-      if constexpr (Record) {
-        cell[q] = hoff[l] + uint32_t(i * kLanes);
-        pair[2 * q] = gj;
-        pair[2 * q + 1] = gj * (t - float(i));
-      }
-    }
-  lookup_scale(pos, g_in, ds, rows * w, out);
-  if constexpr (Record) add_records(cell, pair, rows * w, hist);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t l = 0; l < w; ++l) store(gx + r * ch + l, out[r * w + l]);
-}
 template <typename T>
 void forward_channels(const T* x, T* y, int64_t rows, const Grid& g, const Tables& tab) {
   int64_t ch = tab.splines;
   parallel_ranges(rows, threads_for(rows * ch), [&](int, int64_t b, int64_t e) {
-    Tile tile(tab.intervals);
     for_tiles(b, e, 0, ch, [&](int64_t r0, int64_t n, int64_t c, int64_t w) {
-      int64_t o = r0 * ch + c;
-      forward_tile(x + o, y + o, n, ch, w, g, tab.cd.data() + 2 * tab.block(c), tile);
+      for (int64_t r = r0; r < r0 + n; ++r)
+        forward_block_any(x + r * ch + c, y + r * ch + c, w, g, &tab.cd[2 * tab.block(c)]);
     });
   });
 }
 
-// Channels [b, e) of all rows into hist [C][K][2], through per-block histograms [K][kLanes][2].
+// Channels [b, e) of all rows into hist [C][K][2], through block histograms [K][kLanes][2].
 template <typename T>
 void channel_hist_range(const T* x, const T* gy, T* gx, int64_t rows, int64_t b, int64_t e,
                         const Grid& g, const Tables& tab, double* hist) {
-  int64_t ch = tab.splines, k = tab.intervals + 1;
-  std::vector<double> local((e - b + kLanes - 1) / kLanes * kLanes * k * 2, 0.0);  // [blocks][K][kLanes][2]
-  Tile tile(tab.intervals);
+  int64_t ch = tab.splines, k = tab.intervals + 1, cells = k * kLanes * 2;
+  std::vector<double> local((e - b + kLanes - 1) / kLanes * cells, 0.0);
+  // lanes past a partial block's end keep earlier, valid, cells; those cells are dropped
+  std::vector<uint32_t> cell(kTileRows * kLanes, 0);
+  std::vector<float> pair(2 * cell.size(), 0.f);
   for_tiles(0, rows, b, e, [&](int64_t r0, int64_t n, int64_t c, int64_t w) {
-    int64_t o = r0 * ch + c;
-    grad_tile<true>(x + o, gy + o, gx + o, n, ch, w, g, tab.ds.data() + tab.block(c), tile,
-                    &local[(c - b) * k * 2]);
+    for (int64_t r = 0; r < n; ++r) {
+      int64_t o = (r0 + r) * ch + c;
+      Records rec{&cell[r * kLanes], &pair[2 * r * kLanes]};
+      grad_block_any<true>(x + o, gy + o, gx + o, w, g, &tab.ds[tab.block(c)], rec);
+    }
+    add_records(cell.data(), pair.data(), n * kLanes, &local[(c - b) / kLanes * cells]);
   });
   for (int64_t s = b; s < e; ++s)
     for (int64_t i = 0; i < k; ++i)
       for (int ab = 0; ab < 2; ++ab)
         hist[(s * k + i) * 2 + ab] =
-            local[(((s - b) / kLanes * k + i) * kLanes + (s - b) % kLanes) * 2 + ab];
+            local[(s - b) / kLanes * cells + (i * kLanes + (s - b) % kLanes) * 2 + ab];
 }
 
 // With a values gradient each thread owns a channel range, so histograms need no reduction and
@@ -497,11 +509,11 @@ void backward_channels(const T* x, const T* gy, T* gx, int64_t rows, const Grid&
   int nt = threads_for(rows * ch);
   if (!hist) {
     parallel_ranges(rows, nt, [&](int, int64_t b, int64_t e) {
-      Tile tile(tab.intervals);
       for_tiles(b, e, 0, ch, [&](int64_t r0, int64_t n, int64_t c, int64_t w) {
-        int64_t o = r0 * ch + c;
-        grad_tile<false>(x + o, gy + o, gx + o, n, ch, w, g, tab.ds.data() + tab.block(c), tile,
-                         nullptr);
+        for (int64_t r = r0; r < r0 + n; ++r) {
+          int64_t o = r * ch + c;
+          grad_block_any<false>(x + o, gy + o, gx + o, w, g, &tab.ds[tab.block(c)], Records{});
+        }
       });
     });
     return;
