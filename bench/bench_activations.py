@@ -124,7 +124,8 @@ def run_case(shape: tuple[int, ...], k: int, dtype: torch.dtype, rounds: int) ->
     fns = {name: (lambda f=f, p=p: step(f, x, p, grad)) for name, (f, p) in cands.items()}
     times = time_interleaved(fns, rounds)
     print(f"\nshape {list(shape)}  K={k}  {str(dtype).removeprefix('torch.')}")
-    print(f"{'activation':<11}{'fwd+bwd ms':>11}{'x GELU':>8}{'lm-afs / this':>15}{'saved B/elem':>14}")
+    print(f"{'activation':<11}{'fwd+bwd ms':>11}{'x GELU':>8}{'lm-afs / this':>15}"
+          f"{'saved B/elem':>14}")
     for name, (f, p) in cands.items():
         ref = times["lm-afs/ch" if name.endswith("/ch") else "lm-afs"]
         print(f"{name:<11}{times[name] * 1e3:>11.2f}{times[name] / times['gelu']:>8.2f}"

@@ -10,8 +10,8 @@ same run, the practical peak of this machine.
     python bench/bench_train_step.py [--rounds 5] [--batch 16] [--seq 256]
 """
 import argparse
+import logging
 import time
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -35,7 +35,8 @@ def matmul_gflops(n: int = 2048, seconds: float = 2.0) -> float:
     return best
 
 
-def make_step(config: afgpt.AfGPTConfig, batch: int, seq: int, compiled: bool) -> Callable[[], None]:
+def make_step(config: afgpt.AfGPTConfig, batch: int, seq: int,
+              compiled: bool) -> Callable[[], None]:
     """A closure running one training step of a fresh model on fixed random tokens."""
     model = afgpt.AfGPTForCausalLM(config)
     forward = torch.compile(model) if compiled else model
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
+    torch._logging.set_logs(dynamo=logging.ERROR)  # the model's graph breaks are not news here
     torch.manual_seed(0)
     peak = matmul_gflops()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "

@@ -232,7 +232,8 @@ def test_invalid_backend_name_is_rejected(monkeypatch):
 PORTABLE_CHECK = """
 import torch
 from torch.utils import cpp_extension
-from afgpt.spline_kernels import cpu_kernel, torch_spline
+from afgpt import spline_torch as torch_spline
+from afgpt.spline_kernels import cpu_kernel
 cpp_extension.load("afgpt_spline_cpu_portable_test", [str(cpu_kernel._SOURCE)],
                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
                    is_python_module=False)

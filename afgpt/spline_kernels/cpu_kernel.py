@@ -37,7 +37,8 @@ def load() -> bool:
                 name, flags = _build_flags()
                 build_dir = cpp_extension._get_build_directory(name, verbose=False)
                 if not (Path(build_dir) / f"{name}.so").exists():
-                    print("afgpt: compiling the spline CPU kernel (once, ~15 s)...", file=sys.stderr)
+                    print("afgpt: compiling the spline CPU kernel (once, ~15 s)...",
+                          file=sys.stderr)
                 cpp_extension.load(name, [str(_SOURCE)], extra_cflags=flags,
                                    extra_ldflags=["-fopenmp"], is_python_module=False,
                                    verbose=False)

@@ -193,7 +193,8 @@ inline void vstore(float* p, V v, M m) { _mm512_mask_storeu_ps(p, m, v); }
 inline void vstore(uint16_t* p, V v, M m) {
   VI u = _mm512_castps_si512(v);
   VI odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  VI r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  VI bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
+  VI r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
   r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
 }
@@ -255,7 +256,8 @@ template <int R>
 struct SharedGrad {
   VGrid g;
   RegTable<R> slope;
-  SharedGrad(const Grid& grid, const Tables& tab) : g(grid), slope(tab.ds.data(), tab.intervals, 1) {}
+  SharedGrad(const Grid& grid, const Tables& tab)
+      : g(grid), slope(tab.ds.data(), tab.intervals, 1) {}
 
   template <bool Record, typename T>
   void operator()(const T* x, const T* gy, T* gx, int64_t len, Records rec) const {
