@@ -211,3 +211,10 @@ def test_sequence_classification_pools_last_non_padding_token():
     torch.testing.assert_close(out.logits[0], model(short).logits[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="pad_token_id"):
         AfGPTForSequenceClassification(tiny_config())(tokens())
+
+
+def test_whole_model_compiles_with_fullgraph():
+    model = perturb(AfGPTForCausalLM(tiny_config(af_type="spline;att-spline"))).eval()
+    x = tokens()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, use_cache=False).logits, model(x, use_cache=False).logits)
