@@ -15,12 +15,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 
 from . import data as data_lib
 from .bank import ActivationBank
@@ -214,9 +215,9 @@ class RunState:
 class RunData:
     """Token streams and tokenizer of a run."""
 
-    train: "object"
-    val: "object"
-    tokenizer: "object | None"
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: PreTrainedTokenizerBase | None
     vocab_size: int
     doc_separator: int | None
 
