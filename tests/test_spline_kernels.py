@@ -122,6 +122,42 @@ def test_kernel_and_fallback_agree(dtype, per_channel):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels", [37, 301])
+def test_kernel_per_channel_tails_and_groups(dtype, channels):
+    # channel counts that are not a multiple of the vector width, several channel groups and
+    # threads; odd element counts for the shared spline's tail as well
+    x, values, grad = make_inputs((3, 211, channels), 40, True, dtype, seed=2)
+    shared = values[0].clone()
+    for vals in (values, shared):
+        vals = vals.clone().requires_grad_()
+        xx = x.clone().requires_grad_()
+        outs = []
+        for fn in (kernel_spline, torch_spline.spline):
+            y = fn(xx, vals, LO, HI)
+            outs.append((y, *torch.autograd.grad(y, [xx, vals], grad)))
+        (y1, gx1, gv1), (y2, gx2, gv2) = outs
+        tol = 1e-5 if dtype == torch.float32 else 2**-8
+        torch.testing.assert_close(y1, y2, rtol=tol, atol=tol)
+        torch.testing.assert_close(gx1, gx2, rtol=tol, atol=1e-6)
+        assert rel_err(gv1, gv2) <= 1e-4
+
+
+@needs_kernel
+def test_kernel_per_channel_values_grad_does_not_depend_on_threads():
+    x, values, grad = make_inputs((64, 40, 128), 64, True, torch.float32)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            grads.append(torch.ops.afgpt.spline_bwd(grad, x, values, LO, HI, True)[1])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
+@needs_kernel
 def test_kernel_values_grad_is_deterministic():
     x, values, grad = make_inputs((64, 1024), 64, False, torch.float32)
     values.requires_grad_()

@@ -9,7 +9,9 @@
 // Table lookups decide the speed. With AVX-512 a shared spline's tables (<= 128 intervals) live
 // in registers and are read with permutes (gathers cost ~2 cycles per element on AMD Zen 4);
 // per-channel tables are read with gathers, tile by tile so that tables and histograms stay
-// in cache. Other CPUs run plain loops that the compiler vectorises as far as it can.
+// in cache. AVX2 CPUs (e.g. Zen 3, where a gather costs ~3 cycles per element) gather (c, d)
+// pairs as one 64-bit element and sweep per-channel work by channel groups. Other CPUs run
+// plain loops that the compiler vectorises as far as it can.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -21,6 +23,17 @@
 #include <immintrin.h>
 #else
 #define AFGPT_AVX512 0
+#endif
+// AVX2 + FMA CPUs without AVX-512 (e.g. AMD Zen 2/3) get their own 8-lane loops.
+#if !AFGPT_AVX512 && defined(__AVX2__) && defined(__FMA__)
+#define AFGPT_AVX2 1
+#include <immintrin.h>
+#else
+#define AFGPT_AVX2 0
+#endif
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 #include <algorithm>
@@ -37,6 +50,7 @@ constexpr int64_t kBlock = 512;            // shared backward: elements per reco
 constexpr int64_t kMaxRegIntervals = 128;  // largest shared table kept in registers
 constexpr int64_t kLanes = 16;             // per-channel tables: channels per block
 constexpr int64_t kTileRows = 4;           // per-channel tiles: rows per tile (measured best)
+constexpr int64_t kCopies = 8;             // shared histograms: copies, element j in copy j % 8
 
 // ---- element conversion (bf16 is stored as uint16; round-to-nearest-even like torch) ----
 inline float load(float v) { return v; }
@@ -113,11 +127,20 @@ struct Records {
 
 // Adds n records to hist, cell c being hist[2c], hist[2c+1].
 void add_records(const uint32_t* cell, const float* pair, int64_t n, double* hist) {
+#if defined(__SSE2__)
+  for (int64_t q = 0; q < n; ++q) {  // one 128-bit read-add-write per record
+    double* h = hist + 2 * int64_t(cell[q]);
+    __m128 gb = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(pair + 2 * q)));
+    __m128d p = _mm_cvtps_pd(gb);
+    _mm_storeu_pd(h, _mm_add_pd(_mm_loadu_pd(h), p));
+  }
+#else
   for (int64_t q = 0; q < n; ++q) {
     double* h = hist + 2 * int64_t(cell[q]);
     h[0] += pair[2 * q];
     h[1] += pair[2 * q + 1];
   }
+#endif
 }
 
 // ---- threading ----
@@ -136,7 +159,7 @@ void parallel_ranges(int64_t n, int nt, const F& f) {
 }
 
 // ======== shared spline: one table for all elements ========
-// Shared histograms are [K][4][2] with element j in copy j % 4 (cell = i*4 + j % 4), so runs
+// Shared histograms are [K][8][2] with element j in copy j % 8 (cell = i*8 + j % 8), so runs
 // of equal intervals do not serialise on one memory cell.
 
 template <typename T>
@@ -160,7 +183,7 @@ void grad_shared_plain(const T* __restrict x, const T* __restrict gy, T* __restr
     float slope = ds[i];  // loaded unconditionally, so the loop vectorises
     store(gx + j, inside(traw, g.tmax) ? gj * slope : 0.f);
     if constexpr (Record) {
-      rec.cell[j] = uint32_t(i) * 4 + uint32_t(j & 3);
+      rec.cell[j] = uint32_t(i) * kCopies + uint32_t(j % kCopies);
       rec.pair[2 * j] = gj;
       rec.pair[2 * j + 1] = gj * (t - float(i));
     }
@@ -261,7 +284,8 @@ struct SharedGrad {
 
   template <bool Record, typename T>
   void operator()(const T* x, const T* gy, T* gx, int64_t len, Records rec) const {
-    const VI lane_cell = _mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+    static_assert(kCopies == 8, "cells below assume 8 copies");
+    const VI lane_cell = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
     const VI first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const VI second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
     for (int64_t j = 0; j < len; j += 16) {
@@ -273,7 +297,7 @@ struct SharedGrad {
       vstore(gx + j, _mm512_maskz_mul_ps(g.inside(traw), gj, slope(i)), m);
       if constexpr (Record) {
         // whole vectors: lanes past len hold g = 0 and a valid cell (buffers are padded)
-        _mm512_storeu_si512(rec.cell + j, _mm512_add_epi32(_mm512_slli_epi32(i, 2), lane_cell));
+        _mm512_storeu_si512(rec.cell + j, _mm512_add_epi32(_mm512_slli_epi32(i, 3), lane_cell));
         V gb = _mm512_mul_ps(gj, _mm512_sub_ps(t, _mm512_cvtepi32_ps(i)));
         _mm512_storeu_ps(rec.pair + 2 * j, _mm512_permutex2var_ps(gj, first, gb));
         _mm512_storeu_ps(rec.pair + 2 * j + 16, _mm512_permutex2var_ps(gj, second, gb));
@@ -297,6 +321,237 @@ void with_registers(int64_t intervals, const F& f) {
 }  // namespace simd
 #endif
 
+#if AFGPT_AVX2
+// ---- AVX2 loops: 8 lanes, tails done by the plain loops ----
+// Tables are read with gathers (Zen 3: about half a cycle per element); a (c, d) pair is one
+// 64-bit element. Per-channel work goes by channel groups whose tables and histograms stay in
+// L2, each group sweeping all rows of its thread, with the rows ahead prefetched.
+namespace avx2 {
+using V = __m256;
+using VI = __m256i;
+
+inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+inline V vload(const uint16_t* p) {
+  VI wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline void vstore(uint16_t* p, V v) {  // round to nearest even, NaN -> 0x7FC0, as store()
+  VI u = _mm256_castps_si256(v);
+  VI odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  VI bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF));
+  VI r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+  VI nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+inline VI lanes() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+
+struct VGrid {
+  V a0, inv_h, tmax, zero;
+  VI kmax;
+  explicit VGrid(const Grid& g)
+      : a0(_mm256_set1_ps(g.a0)), inv_h(_mm256_set1_ps(g.inv_h)), tmax(_mm256_set1_ps(g.tmax)),
+        zero(_mm256_setzero_ps()), kmax(_mm256_set1_epi32(g.kmax)) {}
+  V coord(V x) const { return _mm256_mul_ps(_mm256_sub_ps(x, a0), inv_h); }
+  // max/min return their second operand on NaN, so NaN survives the clamp
+  V clamp(V t) const { return _mm256_min_ps(tmax, _mm256_max_ps(zero, t)); }
+  VI interval(V t) const {  // NaN converts to INT_MIN, hence interval 0
+    return _mm256_min_epi32(_mm256_max_epi32(_mm256_cvttps_epi32(t), _mm256_setzero_si256()), kmax);
+  }
+  V inside(V traw) const {
+    return _mm256_and_ps(_mm256_cmp_ps(traw, zero, _CMP_GT_OQ),
+                         _mm256_cmp_ps(traw, tmax, _CMP_LT_OQ));
+  }
+};
+
+// y = c + t*d with the (c, d) pairs of table cd at positions at (as 64-bit elements).
+inline V pair_lerp(const float* cd, VI at, V t) {
+  const double* pairs = reinterpret_cast<const double*>(cd);
+  V lo = _mm256_castpd_ps(_mm256_i32gather_pd(pairs, _mm256_castsi256_si128(at), 8));
+  V hi = _mm256_castpd_ps(_mm256_i32gather_pd(pairs, _mm256_extracti128_si256(at, 1), 8));
+  // lanes (0 1 4 5 | 2 3 6 7) after the in-lane shuffles; the 64-bit permute restores order
+  V c = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+  V d = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
+  c = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(c), _MM_SHUFFLE(3, 1, 2, 0)));
+  d = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(d), _MM_SHUFFLE(3, 1, 2, 0)));
+  return _mm256_fmadd_ps(t, d, c);
+}
+
+// Writes the records (cell, (g, g*(t-i))) of 8 elements.
+inline void put_records(VI cell, V g, V t, VI i, uint32_t* cells, float* pairs) {
+  V gb = _mm256_mul_ps(g, _mm256_sub_ps(t, _mm256_cvtepi32_ps(i)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(cells), cell);
+  V lo = _mm256_unpacklo_ps(g, gb), hi = _mm256_unpackhi_ps(g, gb);  // (0 1 | 4 5), (2 3 | 6 7)
+  _mm256_storeu_ps(pairs, _mm256_permute2f128_ps(lo, hi, 0x20));
+  _mm256_storeu_ps(pairs + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+// ---- shared spline ----
+template <typename T>
+void forward_shared(const T* x, T* y, int64_t len, const Grid& grid, const float* cd) {
+  VGrid g(grid);
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    V t = g.clamp(g.coord(vload(x + j)));
+    vstore(y + j, pair_lerp(cd, g.interval(t), t));
+  }
+  forward_shared_plain(x + j, y + j, len - j, grid, cd);
+}
+
+struct SharedGrad {
+  Grid grid;
+  const float* ds;
+  template <bool Record, typename T>
+  void operator()(const T* x, const T* gy, T* gx, int64_t len, Records rec) const {
+    static_assert(kCopies == 8, "copy = lane");
+    VGrid g(grid);
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8) {
+      V traw = g.coord(vload(x + j));
+      V t = g.clamp(traw);
+      VI i = g.interval(t);
+      V gj = vload(gy + j);
+      V slope = _mm256_i32gather_ps(ds, i, 4);
+      vstore(gx + j, _mm256_and_ps(g.inside(traw), _mm256_mul_ps(gj, slope)));
+      if constexpr (Record)
+        put_records(_mm256_add_epi32(_mm256_slli_epi32(i, 3), lanes()), gj, t, i, rec.cell + j,
+                    rec.pair + 2 * j);
+    }
+    grad_shared_plain<Record>(x + j, gy + j, gx + j, len - j, grid, ds,
+                              Records{Record ? rec.cell + j : nullptr,
+                                      Record ? rec.pair + 2 * j : nullptr});
+  }
+};
+
+// ---- per-channel splines ----
+constexpr int64_t kGroupBytes = 128 * 1024;  // table or histogram bytes of a channel group
+constexpr int64_t kAhead = 4;                // rows prefetched ahead
+
+template <typename T>
+inline void prefetch(const T* p, int64_t n) {
+  for (int64_t q = 0; q < n; q += 64 / int64_t(sizeof(T)))
+    _mm_prefetch(reinterpret_cast<const char*>(p + q), _MM_HINT_T0);
+}
+
+// Calls f(row_begin, row_end, ch_begin, ch_end) for the tiles of rows x channels: each thread
+// owns a channel range (a multiple of kLanes wide) swept group by group, or, with too few
+// channels and rows_ok, a row range. Each channel is then done by one thread in row order.
+template <typename F>
+void channel_tiles(int64_t rows, int64_t ch, int64_t group, int nt, bool rows_ok, const F& f) {
+  int64_t blocks = (ch + kLanes - 1) / kLanes;
+  if (rows_ok && blocks < 2 * nt && rows >= 2 * nt) {
+    parallel_ranges(rows, nt, [&](int, int64_t b, int64_t e) {
+      for (int64_t c = 0; c < ch; c += group) f(b, e, c, std::min(ch, c + group));
+    });
+    return;
+  }
+  int n = int(std::min<int64_t>(nt, blocks));
+#pragma omp parallel for schedule(static) num_threads(n)
+  for (int tid = 0; tid < n; ++tid) {
+    int64_t b = blocks * tid / n * kLanes, e = std::min(ch, blocks * (tid + 1) / n * kLanes);
+    for (int64_t c = b; c < e; c += group) f(int64_t(0), rows, c, std::min(e, c + group));
+  }
+}
+
+// Group width in channels (a multiple of kLanes) for bytes_per_channel of tables/histograms.
+inline int64_t group_width(int64_t bytes_per_channel) {
+  return std::max<int64_t>(1, kGroupBytes / bytes_per_channel / kLanes) * kLanes;
+}
+
+// Table positions of channels c..c+7 (c a multiple of 8) for interval 0: block(c) + c%16 + lane.
+inline VI table_base(const Tables& tab, int64_t c) {
+  return _mm256_add_epi32(_mm256_set1_epi32(int(tab.block(c) + c % kLanes)), lanes());
+}
+
+template <typename T>
+void forward_channels(const T* x, T* y, int64_t rows, const Grid& grid, const Tables& tab) {
+  int64_t ch = tab.splines;
+  VGrid g(grid);
+  channel_tiles(rows, ch, group_width(tab.intervals * 8), threads_for(rows * ch), true,
+                [&](int64_t rb, int64_t re, int64_t cb, int64_t ce) {
+    for (int64_t r = rb; r < re; ++r) {
+      const T* xr = x + r * ch;
+      T* yr = y + r * ch;
+      if (r + kAhead < re) prefetch(xr + kAhead * ch + cb, ce - cb);
+      int64_t c = cb;
+      for (; c + 8 <= ce; c += 8) {
+        V t = g.clamp(g.coord(vload(xr + c)));
+        VI at = _mm256_add_epi32(_mm256_slli_epi32(g.interval(t), 4), table_base(tab, c));
+        vstore(yr + c, pair_lerp(tab.cd.data(), at, t));
+      }
+      for (; c < ce; ++c) {
+        float t = clamp_t((load(xr[c]) - grid.a0) * grid.inv_h, grid.tmax);
+        int64_t at = tab.at(c, interval(t, grid.kmax));
+        store(yr + c, tab.cd[2 * at] + t * tab.cd[2 * at + 1]);
+      }
+    }
+  });
+}
+
+// hist, if set, is [C][K][2] (A, B) and gets cell c*K + i of each element.
+template <typename T>
+void backward_channels(const T* x, const T* gy, T* gx, int64_t rows, const Grid& grid,
+                       const Tables& tab, double* hist) {
+  int64_t ch = tab.splines, k = tab.intervals + 1;
+  VGrid g(grid);
+  int64_t group = group_width(hist ? k * 16 : k * 4);
+  channel_tiles(rows, ch, group, threads_for(rows * ch), !hist,
+                [&](int64_t rb, int64_t re, int64_t cb, int64_t ce) {
+    // the group's histogram is [K][w][2]: the cells of the busy intervals stay close together
+    int64_t w = ce - cb;
+    std::vector<uint32_t> cell(hist ? w + 8 : 0);
+    std::vector<float> pair(2 * cell.size());
+    std::vector<double> local(hist ? k * w * 2 : 0, 0.0);
+    const float* ds = tab.ds.data();
+    const VI vw = _mm256_set1_epi32(int(w));
+    for (int64_t r = rb; r < re; ++r) {
+      int64_t o = r * ch;
+      if (r + kAhead < re) {
+        prefetch(x + o + kAhead * ch + cb, ce - cb);
+        prefetch(gy + o + kAhead * ch + cb, ce - cb);
+      }
+      int64_t c = cb;
+      for (; c + 8 <= ce; c += 8) {
+        V traw = g.coord(vload(x + o + c));
+        V t = g.clamp(traw);
+        VI i = g.interval(t);
+        V gj = vload(gy + o + c);
+        VI at = _mm256_add_epi32(_mm256_slli_epi32(i, 4), table_base(tab, c));
+        V slope = _mm256_i32gather_ps(ds, at, 4);
+        vstore(gx + o + c, _mm256_and_ps(g.inside(traw), _mm256_mul_ps(gj, slope)));
+        if (hist) {
+          VI lane_ch = _mm256_add_epi32(_mm256_set1_epi32(int(c - cb)), lanes());
+          VI cells = _mm256_add_epi32(_mm256_mullo_epi32(i, vw), lane_ch);
+          put_records(cells, gj, t, i, &cell[c - cb], &pair[2 * (c - cb)]);
+        }
+      }
+      for (; c < ce; ++c) {
+        float gv = load(gy[o + c]);
+        float traw = (load(x[o + c]) - grid.a0) * grid.inv_h;
+        float t = clamp_t(traw, grid.tmax);
+        int i = interval(t, grid.kmax);
+        store(gx + o + c, inside(traw, grid.tmax) ? gv * ds[tab.at(c, i)] : 0.f);
+        if (hist) {
+          cell[c - cb] = uint32_t(i * w + c - cb);
+          pair[2 * (c - cb)] = gv;
+          pair[2 * (c - cb) + 1] = gv * (t - float(i));
+        }
+      }
+      if (hist) add_records(cell.data(), pair.data(), w, local.data());
+    }
+    if (hist)
+      for (int64_t c = cb; c < ce; ++c)
+        for (int64_t i = 0; i < k; ++i)
+          for (int ab = 0; ab < 2; ++ab)
+            hist[(c * k + i) * 2 + ab] += local[(i * w + c - cb) * 2 + ab];
+  });
+}
+}  // namespace avx2
+#endif
+
 // One thread's range of a shared forward.
 template <typename T>
 void forward_shared_range(const T* x, T* y, int64_t len, const Grid& g, const Tables& tab) {
@@ -305,11 +560,13 @@ void forward_shared_range(const T* x, T* y, int64_t len, const Grid& g, const Ta
     return simd::with_registers(tab.intervals, [&](auto r) {
       simd::forward_shared<decltype(r)::value>(x, y, len, g, tab);
     });
+#elif AFGPT_AVX2
+  return avx2::forward_shared(x, y, len, g, tab.cd.data());
 #endif
   forward_shared_plain(x, y, len, g, tab.cd.data());
 }
 
-// One thread's range of a shared backward; adds to hist ([K][4][2]) if set.
+// One thread's range of a shared backward; adds to hist ([K][kCopies][2]) if set.
 template <typename T>
 void grad_shared_range(const T* x, const T* gy, T* gx, int64_t len, const Grid& g,
                        const Tables& tab, double* hist) {
@@ -328,6 +585,8 @@ void grad_shared_range(const T* x, const T* gy, T* gx, int64_t len, const Grid& 
     return simd::with_registers(tab.intervals, [&](auto r) {
       blocks(simd::SharedGrad<decltype(r)::value>(g, tab));
     });
+#elif AFGPT_AVX2
+  return blocks(avx2::SharedGrad{g, tab.ds.data()});
 #endif
   blocks(PlainSharedGrad{g, tab.ds.data()});
 }
@@ -345,14 +604,16 @@ void backward_shared(const T* x, const T* gy, T* gx, int64_t n, const Grid& g, c
                      double* hist) {
   int nt = threads_for(n);
   int64_t k = tab.intervals + 1;
-  std::vector<double> part(hist ? nt * k * 8 : 0, 0.0);  // per thread [K][4][2]
+  std::vector<double> part(hist ? nt * k * kCopies * 2 : 0, 0.0);  // per thread [K][kCopies][2]
   parallel_ranges(n, nt, [&](int tid, int64_t b, int64_t e) {
-    grad_shared_range(x + b, gy + b, gx + b, e - b, g, tab, hist ? &part[tid * k * 8] : nullptr);
+    double* h = hist ? &part[tid * k * kCopies * 2] : nullptr;
+    grad_shared_range(x + b, gy + b, gx + b, e - b, g, tab, h);
   });
   if (!hist) return;
   for (int tid = 0; tid < nt; ++tid)
-    for (int64_t q = 0; q < k * 4; ++q)
-      for (int ab = 0; ab < 2; ++ab) hist[(q / 4) * 2 + ab] += part[(tid * k * 4 + q) * 2 + ab];
+    for (int64_t q = 0; q < k * kCopies; ++q)
+      for (int ab = 0; ab < 2; ++ab)
+        hist[(q / kCopies) * 2 + ab] += part[(tid * k * kCopies + q) * 2 + ab];
 }
 
 // ======== per-channel splines: one table per channel of the last dimension ========
@@ -469,6 +730,9 @@ void for_tiles(int64_t rb, int64_t re, int64_t cb, int64_t ce, const F& f) {
 
 template <typename T>
 void forward_channels(const T* x, T* y, int64_t rows, const Grid& g, const Tables& tab) {
+#if AFGPT_AVX2
+  return avx2::forward_channels(x, y, rows, g, tab);
+#endif
   int64_t ch = tab.splines;
   parallel_ranges(rows, threads_for(rows * ch), [&](int, int64_t b, int64_t e) {
     for_tiles(b, e, 0, ch, [&](int64_t r0, int64_t n, int64_t c, int64_t w) {
@@ -507,6 +771,9 @@ void channel_hist_range(const T* x, const T* gy, T* gx, int64_t rows, int64_t b,
 template <typename T>
 void backward_channels(const T* x, const T* gy, T* gx, int64_t rows, const Grid& g,
                        const Tables& tab, double* hist) {
+#if AFGPT_AVX2
+  return avx2::backward_channels(x, gy, gx, rows, g, tab, hist);
+#endif
   int64_t ch = tab.splines;
   int nt = threads_for(rows * ch);
   if (!hist) {
