@@ -1,17 +1,16 @@
 """lm-afs-compatible front end: `python train_afgpt.py --flag value ...` with lm-afs's trainLmAf.py flags.
 
-Maps lm-afs's camelCase flags onto afgpt.training.TrainConfig, trains with afgpt.training.train(), and
-writes lm-afs's learned-activation CSV (dirResults/ptAf-RUN-stepNNNN.csv) at the end.
+Maps lm-afs's camelCase flags onto afgpt.training.TrainConfig, trains with afgpt.training.train() (stage I
+with --nModels > 1, stage II with --afFileToLoad), and writes lm-afs's learned-activation files
+(dirResults/ptAf-RUN-stepNNNN.csv and .pt) at every --saveAfEvery step and at the end.
 """
 import argparse
 import dataclasses
-import os
 import sys
 from datetime import datetime
 from pathlib import Path
 
-from afgpt import AfGPTForCausalLM
-from afgpt.activations import Spline
+from afgpt.bank import read_activations
 from afgpt.training import TrainConfig, train
 
 LM_AFS_DOC_SEPARATOR = 50256  # GPT-2's <|endoftext|>, the separator afgpt uses for .bin shards
@@ -101,10 +100,6 @@ def learnable_parts(af_type: str) -> tuple[bool, bool]:
 def check_supported(flags: LmAfsFlags) -> None:
     """Raise ValueError naming the first flag whose lm-afs feature afgpt does not have yet."""
     unsupported = {
-        "nModels": flags.nModels > 1,
-        "afFileToLoad": flags.afFileToLoad != "",
-        "sameDataAcrossModels": flags.sameDataAcrossModels,
-        "sameInitAcrossModels": flags.sameInitAcrossModels,
         "freezeEmbeddings": flags.freezeEmbeddings != 0,
         "shuffleTrData": flags.shuffleTrData != 1,
         "tieEmbeddings": not flags.tieEmbeddings,
@@ -153,11 +148,18 @@ def to_train_config(flags: LmAfsFlags) -> TrainConfig:
         af_lr=flags.afLr,
         af_adam_beta1=flags.afAdamB1,
         af_adam_beta2=flags.afAdamB2,
+        af_file=flags.afFileToLoad or None,
+        n_models=flags.nModels,
+        staggered_starts=flags.staggeredStarts,
+        same_data_across_models=flags.sameDataAcrossModels,
+        same_init_across_models=flags.sameInitAcrossModels,
         mixed_precision=precision,
         seed=flags.seed,
         logging_steps=flags.plotEvery if flags.plotEvery > 0 else 100,
         eval_steps=flags.valEvery if flags.valEvery > 0 else flags.nSteps,
         save_steps=flags.saveModelEvery if flags.saveModelEvery > 0 else flags.nSteps,
+        save_af_steps=max(flags.saveAfEvery, 0),
+        plotting_level=min(flags.plottingLevel, 2),
     )
 
 
@@ -170,29 +172,31 @@ def normalize(flags: LmAfsFlags) -> LmAfsFlags:
         flags = dataclasses.replace(flags, afType=f"{flags.afType};att-linear")
     if not any(learnable_parts(flags.afType)):
         flags = dataclasses.replace(flags, afLr=0.0, afLayerSpecific=0)
+    if flags.afLr == 0:  # frozen or fixed activations: lm-afs writes no activation files
+        flags = dataclasses.replace(flags, saveAfEvery=-1)
+    if flags.plottingLevel > 2:
+        print(f"note: --plottingLevel {flags.plottingLevel}: weight magnitudes are not plotted; using level 2")
     return flags
 
 
-def activation_csv_lines(model: AfGPTForCausalLM) -> list[str]:
-    """lm-afs's ptAf CSV: anchors line then values line per spline, MLP of every layer, then attention."""
-    layers = [model.model.layer_activations(i) for i in range(model.config.num_hidden_layers)]
-    modules = [mlp for mlp, _ in layers] + [att for _, att in layers]
-    lines = []
-    for module in modules:
-        if isinstance(module, Spline):
-            lines.append(",".join(repr(a) for a in module.anchors.tolist()))
-            lines.append(",".join(repr(v) for v in module.values.detach().flatten().tolist()))
-    return lines
+def write_activation_files(flags: LmAfsFlags) -> list[Path]:
+    """lm-afs's ptAf-RUN-stepNNNN.csv and .pt in dirResults for every activation snapshot and the final ones."""
+    run = Path(flags.dirResults) / flags.runName
+    snapshots = {int(d.name.removeprefix("step-")): d for d in sorted((run / "activation_snapshots").glob("step-*"))}
+    snapshots[flags.nSteps] = run / "activations"
+    written = []
+    for step, directory in sorted(snapshots.items()):
+        bank = read_activations(directory)
+        stem = Path(flags.dirResults) / f"ptAf-{flags.runName}-step{step:04d}"
+        written += [bank.to_lmafs_csv(stem.with_suffix(".csv")),
+                    bank.to_lmafs_pt(stem.with_suffix(".pt"), lmafs_config(flags))]
+    return written
 
 
-def write_activation_csv(flags: LmAfsFlags) -> Path:
-    """Write the final model's learned activations to dirResults/ptAf-RUN-stepNNNN.csv (atomically)."""
-    model = AfGPTForCausalLM.from_pretrained(Path(flags.dirResults) / flags.runName)
-    path = Path(flags.dirResults) / f"ptAf-{flags.runName}-step{flags.nSteps:04d}.csv"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in activation_csv_lines(model)), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+def lmafs_config(flags: LmAfsFlags) -> dict:
+    """The run's flags as lm-afs stores them in a .pt config (afType split into [mlp, att])."""
+    mlp, att = flags.afType.split(";", 1)
+    return {**dataclasses.asdict(flags), "afType": [mlp, att.removeprefix("att-")]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,8 +209,9 @@ def main(argv: list[str] | None = None) -> None:
         train(to_train_config(flags))
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
-    if flags.afLr != 0 and any(learnable_parts(flags.afType)) and flags.saveAfEvery != -1:
-        print(f"learned activations written to {write_activation_csv(flags)}")
+    if flags.saveAfEvery != -1:
+        for path in write_activation_files(flags):
+            print(f"Saving AF: {path}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from .activations import ACTIVATION_NAMES, AfSpec, build_activation, parse_af_spec
 from .configuration_afgpt import AfGPTConfig
 from .modeling_afgpt import AfGPTForCausalLM, AfGPTForSequenceClassification, AfGPTModel
+from .bank import ActivationBank
+from .hub import HubError, load_activations, push_run
 
 __version__ = "0.1.0"
 
@@ -19,6 +21,6 @@ AfGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 AfGPTForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
-    "ACTIVATION_NAMES", "AfSpec", "AfGPTConfig", "AfGPTModel", "AfGPTForCausalLM",
-    "AfGPTForSequenceClassification", "build_activation", "parse_af_spec",
+    "ACTIVATION_NAMES", "ActivationBank", "AfSpec", "AfGPTConfig", "AfGPTModel", "AfGPTForCausalLM",
+    "AfGPTForSequenceClassification", "HubError", "build_activation", "load_activations", "parse_af_spec", "push_run",
 ]

@@ -1,4 +1,4 @@
-"""The `afgpt` command: `afgpt train`, `afgpt prepare`.
+"""The `afgpt` command: `afgpt train`, `afgpt prepare`, `afgpt plot`, `afgpt push`.
 
 `afgpt train` flags are TrainConfig's fields with dashes (named like transformers.TrainingArguments
 where one exists): `--output-dir`, `--max-steps`, `--learning-rate`, `--af-type`, ...
@@ -9,8 +9,11 @@ import sys
 import types
 import typing
 from datetime import datetime
+from pathlib import Path
 
 from . import data as data_lib
+from .bank import plot_activation_file
+from .hub import HubError, push_run
 from .training import TrainConfig, train
 
 HELP = {
@@ -22,6 +25,13 @@ HELP = {
     "lr_scheduler_type": "trap (warmup, constant, linear cooldown), warmup, or cos",
     "mixed_precision": "'no' or 'bf16'",
     "max_grad_norm": "gradient clipping norm (0 = off)",
+    "af_file": "stage II: learned activations to load (bank dir, run dir, lm-afs ptAf .pt/.csv, or Hub repo id); "
+               "frozen when --af-lr is 0",
+    "n_models": "stage I: number of replicas sharing the learnable activations",
+    "staggered_starts": "stage I: 0 all start at once, 1 staggered starts with a common schedule, "
+                        "2 staggered starts, each replica with its own schedule",
+    "save_af_steps": "also save the activations every N steps into activation_snapshots/ (0: only at the end)",
+    "plotting_level": "0 no plots, 1 loss/accuracy and activations, 2 + activation magnitudes",
 }
 
 
@@ -62,6 +72,19 @@ def run_prepare(args: argparse.Namespace) -> None:
     print(f"wrote {len(paths)} shards and the tokenizer to {args.output_dir}")
 
 
+def run_plot(args: argparse.Namespace) -> None:
+    hints = {k: v for k, v in (("num_hidden_layers", args.num_hidden_layers), ("af_type", args.af_type)) if v is not None}
+    path = Path(args.path)
+    output = args.output or (path.with_suffix(".png") if path.is_file() else path / "activations.png")
+    print(f"wrote {plot_activation_file(args.path, output, **hints)}")
+
+
+def run_push(args: argparse.Namespace) -> None:
+    url = push_run(args.run_dir, args.repo_id, token=args.token, private=args.private,
+                   include_model=args.include_model, baseline_val_loss=args.baseline_val_loss)
+    print(f"pushed {args.run_dir} to {url}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="afgpt", description="Activation-function research on small LMs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--shard-size", type=int, default=100_000_000)
     prepare.add_argument("--prefix", default="corpus")
     prepare.set_defaults(run=run_prepare)
+
+    plot = commands.add_parser("plot", help="plot learned activations (afgpt bank/run dir, lm-afs ptAf .pt/.csv)")
+    plot.add_argument("path", help="activation bank directory, run directory, or lm-afs ptAf-*.pt / ptAf-*.csv file")
+    plot.add_argument("--output", "-o", default=None,
+                      help="PNG to write (default: activations.png in a directory, <name>.png for a file)")
+    plot.add_argument("--num-hidden-layers", type=int, default=None, help="hint for lm-afs CSV files")
+    plot.add_argument("--af-type", default=None, help="hint for lm-afs CSV files, e.g. 'spline;att-spline'")
+    plot.set_defaults(run=run_plot)
+
+    push = commands.add_parser("push", help="push a run's learned activations (and optionally the model) to the Hub")
+    push.add_argument("run_dir")
+    push.add_argument("repo_id")
+    push.add_argument("--include-model", action="store_true", help="also push the model with its code and tokenizer")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--baseline-val-loss", type=float, default=None,
+                      help="the baseline's final val loss, for the model card's comparison")
+    push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`)")
+    push.set_defaults(run=run_push)
     return parser
 
 
@@ -89,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, FloatingPointError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, FloatingPointError, HubError) as error:
         sys.exit(f"afgpt {args.command}: error: {error}")
 
 

@@ -21,7 +21,7 @@ from matplotlib.ticker import FormatStrFormatter
 from torch import nn
 
 from .activations import Spline
-from .modeling_afgpt import AfGPTActivations, AfGPTModel, activation_slot
+from .modeling_afgpt import AfGPTActivations, activation_slot
 
 DPI = 150
 FIXED_X_RANGE = 5.0  # non-spline activations are drawn on [-5, 5]
@@ -142,10 +142,11 @@ def plot_training_curves(records: list[dict], path: str | os.PathLike, title: st
 
 
 def resolve_activations(source: nn.Module) -> tuple[AfGPTActivations, object | None]:
-    """(activations module, config or None) from a model, its trunk or the activations module."""
+    """(activations module, config or None) from a model, its trunk, an ActivationBank (which, like the
+    trunk, has `activations` and `config`) or the activations module."""
     if isinstance(source, AfGPTActivations):
         return source, None
-    trunk = source if isinstance(source, AfGPTModel) else source.model
+    trunk = getattr(source, "base_model", source)
     return trunk.activations, trunk.config
 
 

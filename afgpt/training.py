@@ -26,6 +26,8 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 from . import data as data_lib
 from .bank import ActivationBank
 from .configuration_afgpt import AfGPTConfig
+from .ensemble import Replica, average_shared_gradients, build_replicas, schedule_offsets, start_steps
+from .hub import load_activations
 from .modeling_afgpt import AfGPTForCausalLM
 from .plotting import plot_activation_magnitudes, plot_activations, plot_training_curves
 
@@ -78,6 +80,12 @@ class TrainConfig:
     af_lr: float = 0.1  # > 0 Adam, < 0 SGD with |af_lr|, 0 frozen
     af_adam_beta1: float = 0.99
     af_adam_beta2: float = 0.999
+    af_file: str | None = None  # stage II: learned activations (bank dir, lm-afs .pt/.csv, or Hub repo id)
+    # stage I: replicas sharing the learnable activations (lm-afs's multi-model training)
+    n_models: int = 1
+    staggered_starts: int = 2  # 0 off, 1 staggered with a common schedule, 2 each replica's own schedule
+    same_data_across_models: bool = False
+    same_init_across_models: bool = False
     mixed_precision: str = "no"  # "no" or "bf16"
     seed: int = 0
     # logging and checkpoints
@@ -85,6 +93,8 @@ class TrainConfig:
     eval_steps: int = 50
     eval_batches: int = 8
     save_steps: int = 100
+    save_af_steps: int = 0  # also snapshot the activations every N steps (0: only the final ones)
+    plotting_level: int = 2  # 0 no plots, 1 loss/accuracy and activations, 2 + activation magnitudes
     run_name: str = ""
     log_file: str | None = None  # default: <output_dir>/train.log
 
@@ -95,12 +105,22 @@ class TrainConfig:
             raise ValueError(
                 f"warmup_steps ({self.warmup_steps}) + cooldown_steps ({self.cooldown_steps}) exceed max_steps "
                 f"({self.max_steps}): shorten them or train longer")
+        if self.plotting_level not in (0, 1, 2):
+            raise ValueError(f"plotting_level={self.plotting_level}: use 0 (none), 1 (curves, activations) or 2 "
+                             "(+ activation magnitudes)")
+        if self.save_af_steps < 0:
+            raise ValueError(f"save_af_steps={self.save_af_steps} must be >= 0 (0 saves only the final activations)")
+        start_steps(self.n_models, self.max_steps, self.staggered_starts)  # validates both
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"mixed_precision={self.mixed_precision!r}: use 'no' or 'bf16'")
         for name in ("max_steps", "per_device_train_batch_size", "seq_length", "gradient_accumulation_steps",
                      "logging_steps", "eval_steps", "save_steps", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+    def lr_factor(self, step: int) -> float:
+        """The schedule's multiplier at `step` (0 before a replica's schedule starts)."""
+        return lr_factor(step, self.lr_scheduler_type, self.max_steps, self.warmup_steps, self.cooldown_steps)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainConfig":
@@ -131,18 +151,34 @@ def split_parameters(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], 
     return weights, activations
 
 
-def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """Adam for the weights; a separate optimizer for the activations (Adam, SGD, or none when frozen)."""
+def weight_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay) over every trainable parameter except the activations."""
+    weights, _ = split_parameters(model)
+    return torch.optim.AdamW(weights, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             weight_decay=cfg.weight_decay)
+
+
+def activation_optimizer(activations: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer | None:
+    """The activations' own optimizer: Adam (af_lr > 0), SGD with |af_lr| (af_lr < 0), or none (frozen)."""
     if cfg.af_lr == 0:
-        model.base_model.activations.requires_grad_(False)
-    weights, activations = split_parameters(model)
-    optimizers = [torch.optim.AdamW(weights, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                    weight_decay=cfg.weight_decay)]
-    if activations and cfg.af_lr > 0:
-        optimizers.append(torch.optim.Adam(activations, lr=cfg.af_lr, betas=(cfg.af_adam_beta1, cfg.af_adam_beta2)))
-    elif activations:
-        optimizers.append(torch.optim.SGD(activations, lr=abs(cfg.af_lr)))
-    return optimizers
+        activations.requires_grad_(False)
+    params = [p for p in activations.parameters() if p.requires_grad]
+    if not params:
+        return None
+    if cfg.af_lr > 0:
+        return torch.optim.Adam(params, lr=cfg.af_lr, betas=(cfg.af_adam_beta1, cfg.af_adam_beta2))
+    return torch.optim.SGD(params, lr=abs(cfg.af_lr))
+
+
+def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """[weights' AdamW, activations' optimizer (when they learn)] of one model."""
+    activations = activation_optimizer(model.base_model.activations, cfg)
+    return [weight_optimizer(model, cfg)] + ([activations] if activations else [])
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -274,7 +310,8 @@ def padded_vocab(n: int) -> int:
     return (n + 63) // 64 * 64
 
 
-def build_model(cfg: TrainConfig, run_data: RunData) -> AfGPTForCausalLM:
+def build_model(cfg: TrainConfig, run_data: RunData, bank: ActivationBank | None = None) -> AfGPTForCausalLM:
+    """A fresh AfGPT as `cfg` describes (or the saved one it names); a stage II bank sets the anchor grid."""
     if cfg.model_name_or_path:
         model = AfGPTForCausalLM.from_pretrained(cfg.model_name_or_path)
         if model.config.vocab_size < run_data.vocab_size:
@@ -282,15 +319,62 @@ def build_model(cfg: TrainConfig, run_data: RunData) -> AfGPTForCausalLM:
                 f"model {cfg.model_name_or_path} has vocab_size {model.config.vocab_size} but the tokenizer has "
                 f"{run_data.vocab_size} tokens: use the tokenizer the model was trained with")
         return model
+    grid = bank.config if bank is not None else cfg
     config = AfGPTConfig(
         vocab_size=run_data.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads, max_position_embeddings=cfg.seq_length,
-        af_type=cfg.af_type, af_layer_specific=cfg.af_layer_specific, af_range=cfg.af_range,
-        af_n_anchors=cfg.af_n_anchors, af_init=cfg.af_init, context_size=cfg.context_size,
+        af_type=cfg.af_type, af_layer_specific=cfg.af_layer_specific, af_range=grid.af_range,
+        af_n_anchors=grid.af_n_anchors, af_init=cfg.af_init, context_size=cfg.context_size,
         doc_separator_token_id=run_data.doc_separator,
         eos_token_id=run_data.tokenizer.eos_token_id if run_data.tokenizer else None,
         bos_token_id=run_data.tokenizer.bos_token_id if run_data.tokenizer else None)
     return AfGPTForCausalLM(config)
+
+
+def load_bank(cfg: TrainConfig) -> ActivationBank | None:
+    """Stage II: the learned activations named by --af-file, checked against the requested model."""
+    if not cfg.af_file:
+        return None
+    bank = load_activations(cfg.af_file, num_hidden_layers=cfg.num_hidden_layers, af_type=cfg.af_type,
+                            af_layer_specific=cfg.af_layer_specific)
+    mode = "frozen" if cfg.af_lr == 0 else f"fine-tuned with af_lr {cfg.af_lr}"
+    logger.info(f"loaded activations from {cfg.af_file} ({bank.config.af_type}, {mode})")
+    return bank
+
+
+def build_replica_set(cfg: TrainConfig, run_data: RunData, accelerator: Accelerator
+                      ) -> tuple[list[Replica], torch.optim.Optimizer | None]:
+    """The run's models (one, or stage I replicas sharing their activations) with optimizers and data.
+
+    Replica m draws its weights under seed + m and reads data stream m; with one model this is plain
+    training. Everything is passed through `accelerator.prepare`.
+    """
+    if cfg.n_models > 1 and accelerator.num_processes > 1:
+        raise ValueError(f"n_models={cfg.n_models}: stage I replicas train in one process; launch without "
+                         "multiple processes (or train one model per process with n_models=1)")
+    bank = load_bank(cfg)
+
+    def make_model(m: int) -> AfGPTForCausalLM:
+        set_seed(cfg.seed + m)
+        return build_model(cfg, run_data, bank)
+
+    models = build_replicas(make_model, cfg.n_models, cfg.same_init_across_models)
+    if bank is not None:
+        bank.load_into(models[0], freeze=cfg.af_lr == 0)  # replica 0's activations are everyone's
+    af_optimizer = activation_optimizer(models[0].base_model.activations, cfg)
+    optimizers = [weight_optimizer(model, cfg) for model in models]
+    prepared = accelerator.prepare(*models, *optimizers, *([af_optimizer] if af_optimizer else []))
+    models, optimizers = prepared[:cfg.n_models], prepared[cfg.n_models:2 * cfg.n_models]
+    af_optimizer = prepared[-1] if af_optimizer else None
+
+    streams = [data_lib.TokenBatches(run_data.train, cfg.per_device_train_batch_size, cfg.seq_length, seed=cfg.seed,
+                                     stream=m, rank=accelerator.process_index, world_size=accelerator.num_processes)
+               for m in range(1 if cfg.same_data_across_models else cfg.n_models)]
+    starts = start_steps(cfg.n_models, cfg.max_steps, cfg.staggered_starts)
+    offsets = schedule_offsets(starts, cfg.staggered_starts)
+    replicas = [Replica(m, models[m], optimizers[m], streams[m % len(streams)], starts[m], offsets[m])
+                for m in range(cfg.n_models)]
+    return replicas, af_optimizer
 
 
 def setup_logging(log_file: Path, is_main: bool) -> None:
@@ -348,17 +432,33 @@ def save_checkpoint(accelerator: Accelerator, out: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def save_plots(model: torch.nn.Module, history: list, plots: Path, af_range: float) -> None:
+def save_plots(model: torch.nn.Module, history: list, plots: Path, cfg: TrainConfig) -> None:
+    """The run's figures, as many as `plotting_level` asks for."""
+    if cfg.plotting_level == 0:
+        return
     plots.mkdir(exist_ok=True)
-    plot_training_curves([r for r in history if r["kind"] in ("train", "val")], plots / "training_curves.png")
-    plot_activations(model, plots / "activations.png")
+    title = cfg.run_name or cfg.af_type
+    plot_training_curves([r for r in history if r["kind"] in ("train", "val")], plots / "training_curves.png",
+                         title=title)
+    plot_activations(model, plots / "activations.png", title=title)
     magnitudes = [r for r in history if r["kind"] == "act"]
-    if magnitudes:
-        plot_activation_magnitudes(magnitudes, plots / "activation_magnitudes.png", af_range=af_range)
+    if magnitudes and cfg.plotting_level >= 2:
+        plot_activation_magnitudes(magnitudes, plots / "activation_magnitudes.png", af_range=cfg.af_range)
+
+
+def save_activation_snapshot(model: AfGPTForCausalLM, out: Path, step: int, provenance: dict) -> None:
+    """Intermediate activations (save_af_steps) as a bank in activation_snapshots/step-NNNNNN."""
+    bank = ActivationBank.from_model(model, {**provenance, "steps": step})
+    if not bank.is_empty():
+        bank.save(out / "activation_snapshots" / f"step-{step:06d}")
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
-    """Train AfGPT as `cfg` says; returns the final metrics. Multi-process under `accelerate launch`."""
+    """Train AfGPT as `cfg` says; returns the final metrics. Multi-process under `accelerate launch`.
+
+    With n_models > 1 this is stage I of activation discovery: replicas sharing one set of activations;
+    evaluation, plots and saved files use replica 0, as in lm-afs.
+    """
     AcceleratorState._reset_state()  # a singleton: without this, a second run inherits the first's precision
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     is_main = accelerator.is_main_process
@@ -372,18 +472,17 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
 
     set_seed(cfg.seed)
     run_data = load_data(cfg, out, is_main, accelerator.wait_for_everyone)
-    model = build_model(cfg, run_data)
-    optimizers = build_optimizers(model, cfg)
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
-        s, cfg.lr_scheduler_type, cfg.max_steps, cfg.warmup_steps, cfg.cooldown_steps)) for opt in optimizers]
-    batches = data_lib.TokenBatches(run_data.train, cfg.per_device_train_batch_size, cfg.seq_length, seed=cfg.seed,
-                                    rank=accelerator.process_index, world_size=accelerator.num_processes)
+    replicas, af_optimizer = build_replica_set(cfg, run_data, accelerator)
     state = RunState()
-    model, *optimizers = accelerator.prepare(model, *optimizers)
-    accelerator.register_for_checkpointing(*schedulers, batches, state)
+    streams = list({id(r.batches): r.batches for r in replicas}.values())
+    accelerator.register_for_checkpointing(*streams, state)
+    model = accelerator.unwrap_model(replicas[0].model)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(f"model: {n_params:,} parameters, af_type {cfg.af_type}, vocab {run_data.vocab_size}, "
                 f"{len(run_data.train):,} training tokens")
+    if cfg.n_models > 1:
+        logger.info(f"stage I: {cfg.n_models} replicas sharing their activations, start steps "
+                    f"{[r.start for r in replicas]}, staggered_starts {cfg.staggered_starts}")
     if resume:
         accelerator.load_state(str(out / "checkpoint"))
         logger.info(f"resumed from {out / 'checkpoint'} at step {state.step}")
@@ -391,48 +490,56 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     if resume:
         metrics.rewrite()
 
-    unwrapped = accelerator.unwrap_model(model)
+    provenance = {"run": cfg.run_name or str(out), "af_type": cfg.af_type, "sharing": cfg.af_layer_specific,
+                  "n_models": cfg.n_models, "staggered_starts": cfg.staggered_starts, "data": cfg.data,
+                  "seed": cfg.seed, "af_lr": cfg.af_lr, "af_file": cfg.af_file}
     tokens_per_step = cfg.per_device_train_batch_size * cfg.seq_length * cfg.gradient_accumulation_steps \
         * accelerator.num_processes
     val_loss = val_acc = None
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not is_main, desc="training", unit="step")
-    window_start, window_steps = time.perf_counter(), 0
-    model.train()
+    window_start, window_tokens = time.perf_counter(), 0
+    for replica in replicas:
+        replica.model.train()
     while state.step < cfg.max_steps:
         step = state.step
-        loss, accuracy = train_step(model, optimizers, schedulers, batches, accelerator, cfg)
-        if not math.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss is {loss} at step {step + 1}: training stopped before applying that update. The last good "
-                f"checkpoint is {out / 'checkpoint'} (resume with --resume); try a lower learning rate, "
-                "--max-grad-norm, or mixed precision 'no'")
+        results = train_step(replicas, af_optimizer, step, accelerator, cfg)
+        for index, (loss, _) in results.items():
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss is {loss} at step {step + 1}{f' (replica {index})' if cfg.n_models > 1 else ''}: training "
+                    f"stopped before applying that update. The last good checkpoint is {out / 'checkpoint'} (resume "
+                    "with --resume); try a lower learning rate, --max-grad-norm, or mixed precision 'no'")
         state.step += 1
-        window_steps += 1
+        window_tokens += len(results) * tokens_per_step
         bar.update(1)
+        loss, accuracy = results[0]
         if state.step % cfg.logging_steps == 0 or state.step == cfg.max_steps:
             seconds = time.perf_counter() - window_start
             state.elapsed += seconds
-            speed = window_steps * tokens_per_step / seconds
-            metrics.write({"kind": "train", "step": state.step, "loss": loss, "accuracy": accuracy,
-                           "lr": schedulers[0].get_last_lr()[0], "tokens_per_second": speed})
+            speed = window_tokens / seconds
+            metrics.write(*train_records(results, replicas, state.step, speed, cfg))
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:,.0f}")
             logger.info(f"Step {state.step}/{cfg.max_steps}   lossTr {loss:.4f}   accTr {100 * accuracy:.1f}   "
                         f"{state.elapsed:.0f}s = {state.elapsed / state.step:.3f}s/step   {speed:,.0f} tokens/s")
-            window_start, window_steps = time.perf_counter(), 0
+            if cfg.n_models > 1:
+                losses = " ".join(f"{results[r.index][0]:.4f}" if r.index in results else "-" for r in replicas)
+                logger.info(f"Step {state.step}/{cfg.max_steps}   replicas {len(results)}/{cfg.n_models} active   "
+                            f"lossTr per replica: {losses}")
+            window_start, window_tokens = time.perf_counter(), 0
         if state.step % cfg.eval_steps == 0 or state.step == cfg.max_steps:
-            val_loss, val_acc = validate(unwrapped, run_data.val, cfg, metrics, state.step)
+            val_loss, val_acc = validate(model, run_data.val, cfg, metrics, state.step)
             if is_main:
-                save_plots(unwrapped, state.history, out / "plots", cfg.af_range)
+                save_plots(model, state.history, out / "plots", cfg)
             window_start = time.perf_counter()
+        if cfg.save_af_steps and state.step % cfg.save_af_steps == 0 and state.step < cfg.max_steps and is_main:
+            save_activation_snapshot(model, out, state.step, provenance)
         if state.step % cfg.save_steps == 0 and state.step < cfg.max_steps:
             save_checkpoint(accelerator, out)
             window_start = time.perf_counter()
     bar.close()
     save_checkpoint(accelerator, out)
     if is_main:
-        save_final(unwrapped, run_data, out, {
-            "run": str(out), "steps": state.step, "n_models": 1, "data": cfg.data, "seed": cfg.seed,
-            "af_lr": cfg.af_lr, "final_val_loss": val_loss})
+        save_final(model, run_data, out, {**provenance, "steps": state.step, "final_val_loss": val_loss})
     accelerator.wait_for_everyone()
     final = {"step": state.step, "train_loss": loss, "val_loss": val_loss, "val_accuracy": val_acc,
              "num_processes": accelerator.num_processes}
@@ -441,30 +548,65 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     return final
 
 
-def train_step(model, optimizers, schedulers, batches, accelerator: Accelerator, cfg: TrainConfig) -> tuple[float, float]:
-    """One optimizer step over `gradient_accumulation_steps` micro-batches; returns mean loss and accuracy."""
+def train_records(results: dict[int, tuple[float, float]], replicas: list[Replica], step: int, speed: float,
+                  cfg: TrainConfig) -> list[dict]:
+    """metrics.jsonl "train" records: one per active replica (with a "replica" field in stage I)."""
+    records = []
+    for replica in replicas:
+        if replica.index in results:
+            loss, accuracy = results[replica.index]
+            record = {"kind": "train", "step": step, "loss": loss, "accuracy": accuracy,
+                      "lr": replica.optimizer.param_groups[0]["lr"], "tokens_per_second": speed}
+            records.append(record if cfg.n_models == 1 else {**record, "replica": replica.index})
+    return records
+
+
+def train_step(replicas: list[Replica], af_optimizer: torch.optim.Optimizer | None, step: int,
+               accelerator: Accelerator, cfg: TrainConfig) -> dict[int, tuple[float, float]]:
+    """One optimizer step of every replica active at `step`; returns {replica: (loss, accuracy)}.
+
+    Each replica accumulates its gradients over `gradient_accumulation_steps` micro-batches; the shared
+    activations' gradients are averaged over the active replicas. Nothing is updated if a loss is not finite.
+    """
+    active = [r for r in replicas if r.is_active(step)]
+    fetched: dict[int, list] = {}  # replicas sharing a data stream see the same micro-batches
+    results = {}
+    for replica in active:
+        if id(replica.batches) not in fetched:
+            fetched[id(replica.batches)] = [next(replica.batches) for _ in range(cfg.gradient_accumulation_steps)]
+        results[replica.index] = forward_backward(replica.model, fetched[id(replica.batches)], accelerator)
+    if all(math.isfinite(loss) for loss, _ in results.values()):
+        if af_optimizer is not None:
+            average_shared_gradients([p for g in af_optimizer.param_groups for p in g["params"]], len(active))
+        if cfg.max_grad_norm > 0:
+            params = {id(p): p for r in active for p in r.model.parameters()}
+            accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+        for replica in active:
+            set_learning_rate(replica.optimizer, cfg.learning_rate * cfg.lr_factor(step - replica.schedule_offset))
+            replica.optimizer.step()
+        if af_optimizer is not None:
+            set_learning_rate(af_optimizer, abs(cfg.af_lr) * cfg.lr_factor(step))
+            af_optimizer.step()
+    for optimizer in [r.optimizer for r in active] + ([af_optimizer] if af_optimizer else []):
+        optimizer.zero_grad(set_to_none=True)
+    return results
+
+
+def forward_backward(model: torch.nn.Module, micro_batches: list, accelerator: Accelerator) -> tuple[float, float]:
+    """Accumulate one model's gradients over micro-batches (DDP syncs on the last); mean loss and accuracy."""
     total_loss = torch.zeros((), device=accelerator.device)
     total_acc = torch.zeros((), device=accelerator.device)
-    for micro in range(cfg.gradient_accumulation_steps):
-        input_ids, labels = (t.to(accelerator.device) for t in next(batches))
-        last = micro == cfg.gradient_accumulation_steps - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+    n = len(micro_batches)
+    for i, batch in enumerate(micro_batches):
+        input_ids, labels = (t.to(accelerator.device) for t in batch)
+        with contextlib.nullcontext() if i == n - 1 else accelerator.no_sync(model):
             with accelerator.autocast():
                 out = model(input_ids=input_ids, shift_labels=labels, use_cache=False)
-            accelerator.backward(out.loss / cfg.gradient_accumulation_steps)
+            accelerator.backward(out.loss / n)
         total_loss += out.loss.detach()
         total_acc += token_accuracy(out.logits.detach(), labels)
-    loss = accelerator.reduce(total_loss, "mean").item() / cfg.gradient_accumulation_steps
-    if math.isfinite(loss):
-        if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        for opt, sched in zip(optimizers, schedulers):
-            opt.step()
-            sched.step()
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    accuracy = accelerator.reduce(total_acc, "mean").item() / cfg.gradient_accumulation_steps
-    return loss, accuracy
+    loss = accelerator.reduce(total_loss, "mean").item() / n
+    return loss, accelerator.reduce(total_acc, "mean").item() / n
 
 
 def validate(model, val_tokens, cfg: TrainConfig, metrics: MetricsWriter, step: int) -> tuple[float, float]:
@@ -487,8 +629,7 @@ def save_final(model: AfGPTForCausalLM, run_data: RunData, out: Path, provenance
         run_data.tokenizer.save_pretrained(out)
     bank = ActivationBank.from_model(model, provenance)
     if not bank.is_empty():
-        bank.save(out / "activations")
-        plot_activations(model, out / "activations" / "activations.png", title=model.config.af_type)
+        bank.save(out / "activations")  # with its model card and plot
 
 
 # ----------------------------------------------------------------------------- transformers.Trainer glue

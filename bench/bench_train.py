@@ -23,7 +23,8 @@ from transformers import GPTNeoConfig, GPTNeoForCausalLM
 from afgpt.configuration_afgpt import AfGPTConfig
 from afgpt.data import TokenBatches
 from afgpt.modeling_afgpt import AfGPTForCausalLM
-from afgpt.training import TrainConfig, build_optimizers, lr_factor, train_step
+from afgpt.ensemble import Replica
+from afgpt.training import TrainConfig, activation_optimizer, train_step, weight_optimizer
 
 
 class NeoWithShiftLabels(torch.nn.Module):
@@ -95,18 +96,16 @@ def main() -> None:
     neo = NeoWithShiftLabels(neo_model)
 
     runs = {}
-    for name, model, optimizers in (
-            ("AfGPT", afgpt, build_optimizers(afgpt, cfg)),
-            ("GPT-Neo", neo, [torch.optim.AdamW(neo.parameters(), lr=cfg.learning_rate,
-                                                betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                                weight_decay=cfg.weight_decay)])):
-        schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
-            s, cfg.lr_scheduler_type, cfg.max_steps, cfg.warmup_steps, cfg.cooldown_steps)) for opt in optimizers]
-        model, *optimizers = accelerator.prepare(model, *optimizers)
+    for name, model, optimizer, af_optimizer in (
+            ("AfGPT", afgpt, weight_optimizer(afgpt, cfg), activation_optimizer(afgpt.model.activations, cfg)),
+            ("GPT-Neo", neo, torch.optim.AdamW(neo.parameters(), lr=cfg.learning_rate,
+                                               betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                               weight_decay=cfg.weight_decay), None)):
+        model, optimizer = accelerator.prepare(model, optimizer)
         model.train()
-        runs[name] = SimpleNamespace(model=model, optimizers=optimizers, schedulers=schedulers,
-                                     batches=TokenBatches(tokens, cfg.per_device_train_batch_size, seq, seed=0),
-                                     speeds=[], loss=None)
+        batches = TokenBatches(tokens, cfg.per_device_train_batch_size, seq, seed=0)
+        runs[name] = SimpleNamespace(replica=Replica(0, model, optimizer, batches), af_optimizer=af_optimizer,
+                                     step=0, speeds=[], loss=None)
 
     emb_afgpt = afgpt.model.embed_tokens.weight.numel()
     emb_neo = neo_model.transformer.wte.weight.numel() + neo_model.transformer.wpe.weight.numel()
@@ -117,7 +116,8 @@ def main() -> None:
 
     def steps(run, n):
         for _ in range(n):
-            run.loss, _ = train_step(run.model, run.optimizers, run.schedulers, run.batches, accelerator, cfg)
+            run.loss, _ = train_step([run.replica], run.af_optimizer, run.step, accelerator, cfg)[0]
+            run.step += 1
 
     for run in runs.values():
         steps(run, args.warmup)

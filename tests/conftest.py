@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import afgpt
+from afgpt.training import TrainConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -15,6 +16,17 @@ def tiny_config(**overrides) -> afgpt.AfGPTConfig:
                   max_position_embeddings=64)
     fields.update(overrides)
     return afgpt.AfGPTConfig(**fields)
+
+
+def tiny_run(tmp_path, shared_data=None, **overrides) -> TrainConfig:
+    """A run that takes a few seconds: tiny model, tiny tokenizer, Shakespeare."""
+    fields = dict(output_dir=str(tmp_path / "run"), data=str(shared_data / "tiny_shakespeare" / "input.txt.gz")
+                  if shared_data else "builtin:pydoc", vocab_size=384, val_tokens=4096, hidden_size=32,
+                  num_hidden_layers=2, num_attention_heads=2, max_steps=30, per_device_train_batch_size=4,
+                  seq_length=32, warmup_steps=3, cooldown_steps=10, logging_steps=5, eval_steps=10,
+                  eval_batches=2, save_steps=10, learning_rate=3e-3)
+    fields.update(overrides)
+    return TrainConfig(**fields)
 
 
 def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:

@@ -7,6 +7,7 @@ from matplotlib.image import imread
 
 import afgpt
 from afgpt import plotting
+from afgpt.bank import ActivationBank
 from afgpt.modeling_afgpt import num_activation_slots
 
 from conftest import perturb, tiny_config
@@ -120,6 +121,16 @@ def test_activation_figure_accepts_trunk_and_activations_and_any_dtype():
     fig = plotting.activation_figure(model.model.activations)
     assert [ax.get_title() for ax in fig.axes[:2]] == ["MLP, slot 0", "MLP, slot 1"]
     assert model.model.activations.mlp[0].values.dtype == torch.bfloat16  # plotted a copy
+
+
+def test_activation_figure_accepts_an_activation_bank():
+    """A bank, like a model's trunk, carries its activations and config: panels are titled by layer."""
+    bank = ActivationBank.from_model(tiny_model("spline;att-spline", 2))
+    fig = plotting.activation_figure(bank)
+    assert [ax.get_title() for ax in fig.axes] == [
+        f"{row}, slot {s}: {where}" for row in ("MLP", "attention")
+        for s, where in enumerate(["layer 0", "layers 1–2", "layer 3"])]
+    assert fig.get_suptitle() == "Activation functions (spline;att-spline)"
 
 
 @pytest.mark.parametrize("with_val", [False, True])

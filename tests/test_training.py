@@ -13,19 +13,9 @@ import afgpt
 from afgpt import training
 from afgpt.cli import main
 from afgpt.data import write_shard
+from afgpt.ensemble import Replica
 from afgpt.training import AfTrainer, ActivationPlotCallback, TrainConfig, lr_factor, train
-from conftest import RandomTokens, tiny_config
-
-
-def tiny_run(tmp_path, shared_data=None, **overrides) -> TrainConfig:
-    """A run that takes a few seconds: tiny model, tiny tokenizer, Shakespeare."""
-    fields = dict(output_dir=str(tmp_path / "run"), data=str(shared_data / "tiny_shakespeare" / "input.txt.gz")
-                  if shared_data else "builtin:pydoc", vocab_size=384, val_tokens=4096, hidden_size=32,
-                  num_hidden_layers=2, num_attention_heads=2, max_steps=30, per_device_train_batch_size=4,
-                  seq_length=32, warmup_steps=3, cooldown_steps=10, logging_steps=5, eval_steps=10,
-                  eval_batches=2, save_steps=10, learning_rate=3e-3)
-    fields.update(overrides)
-    return TrainConfig(**fields)
+from conftest import RandomTokens, tiny_config, tiny_run
 
 
 @pytest.mark.parametrize("schedule", ["trap", "warmup", "cos"])
@@ -122,8 +112,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
     cfg = tiny_run(tmp_path, shared_data, max_steps=20, save_steps=5, eval_steps=20)
     real_build = training.build_model
 
-    def poisoned(cfg, run_data):
-        model = real_build(cfg, run_data)
+    def poisoned(*args):
+        model = real_build(*args)
         calls = {"n": 0}
 
         def hook(module, args, output):
@@ -280,9 +270,8 @@ def test_gradient_accumulation_matches_one_large_batch():
     model.zero_grad()
     optimizer = CaptureGrads(model.parameters(), lr=0.0)
     halves = iter([(inputs[:2], labels[:2]), (inputs[2:], labels[2:])])
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)]
     training.AcceleratorState._reset_state()
-    training.train_step(model, [optimizer], schedulers, halves, training.Accelerator(mixed_precision="no"),
+    training.train_step([Replica(0, model, optimizer, halves)], None, 0, training.Accelerator(mixed_precision="no"),
                         TrainConfig(gradient_accumulation_steps=2))
     assert reference.keys() == optimizer.seen.keys()
     for key, grad in reference.items():

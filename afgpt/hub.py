@@ -1,0 +1,141 @@
+"""The Hub: load activation banks from local files or Hub repos, and push training runs (activations, model card,
+optionally the model with its code) to the Hub.
+
+Errors from huggingface_hub are re-raised as HubError naming the repo, the endpoint and what to change, because
+its own messages (a bare connection error, a 404) do not say which of network, HF_ENDPOINT or the id is wrong.
+"""
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub.errors import (
+    HFValidationError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+from transformers import AutoTokenizer
+
+from .bank import ActivationBank, read_activations
+from .modeling_afgpt import AfGPTForCausalLM
+
+try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
+    from httpx2 import TransportError
+except ImportError:
+    from httpx import TransportError
+
+# What read_activations needs: a bank at the repo root (as push_to_hub writes it) or in a pushed run's activations/.
+BANK_FILES = ["af_config.json", "activations.safetensors", "activations/af_config.json",
+              "activations/activations.safetensors"]
+FILE_SUFFIXES = {".pt", ".csv", ".safetensors", ".json"}  # names with these are files, never repo ids
+
+
+class HubError(OSError):
+    """The Hub could not be reached, or it has no such repo or revision; the message says what to check."""
+
+
+def load_activations(path_or_repo_id: str | os.PathLike, revision: str | None = None, token: str | bool | None = None,
+                     **hints) -> ActivationBank:
+    """An activation bank from a local file or directory, or from a Hub repo (downloaded to the HF cache).
+
+    `hints` (e.g. num_hidden_layers, af_type) go to read_activations for lm-afs files that do not carry them.
+    """
+    path = Path(path_or_repo_id)
+    if path.exists():
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to Hub repos, but {str(path)!r} is a local path: "
+                             "drop revision, or rename the local path if you meant the Hub repo")
+        return read_activations(path, **hints)
+    if not isinstance(path_or_repo_id, str) or looks_like_path(path_or_repo_id):
+        raise FileNotFoundError(f"no such file or directory: {str(path_or_repo_id)!r} (and it is not a Hub repo id "
+                                "of the form 'owner/name'); check the path")
+    with hub_errors("download activations from", path_or_repo_id, revision):
+        folder = Path(snapshot_download(path_or_repo_id, revision=revision, token=token, allow_patterns=BANK_FILES))
+    if not folder.is_dir() or not any(folder.iterdir()):
+        raise HubError(f"Hub repo {path_or_repo_id!r} at {constants.ENDPOINT} holds no activation bank (af_config.json "
+                       "and activations.safetensors): it may hold a model only; push the run's activations with "
+                       "`afgpt push RUN_DIR REPO_ID`, or load the model with from_pretrained")
+    return read_activations(folder, **hints)
+
+
+def looks_like_path(name: str) -> bool:
+    """True when `name` cannot be a repo id, so a missing local file must not send it to the Hub."""
+    if Path(name).suffix in FILE_SUFFIXES:
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def push_run(run_dir: str | os.PathLike, repo_id: str, token: str | bool | None = None, private: bool = False,
+             include_model: bool = False, baseline_val_loss: float | None = None) -> str:
+    """Push a training run's learned activations (with a model card from their provenance) and, with
+    `include_model`, the model with its code and the tokenizer; returns the repo URL.
+
+    `baseline_val_loss` (e.g. the gelu;att-linear run's) goes into the provenance so the card compares against it.
+    Local files are only read: a failed push leaves the run directory as it was.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not an afgpt run directory (no config.json): pass the "
+                                "output_dir of a finished `afgpt train` run")
+    bank = read_run_bank(run_dir, include_model)
+    if bank is not None and baseline_val_loss is not None:
+        bank.provenance["baseline_val_loss"] = baseline_val_loss
+    with hub_errors("push to", repo_id):
+        url = HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True)
+        if include_model:
+            push_model(run_dir, url.repo_id, token, private)
+        if bank is not None:  # last, so its card is the repo's README rather than transformers' generic one
+            bank.push_to_hub(url.repo_id, token=token, private=private)
+    return str(url)
+
+
+def read_run_bank(run_dir: Path, include_model: bool) -> ActivationBank | None:
+    """The run's activations/ bank; None for a run without learnable activations when the model goes anyway."""
+    if (run_dir / "activations").is_dir():
+        return read_activations(run_dir / "activations")
+    if include_model:
+        return None
+    af_type = json.loads((run_dir / "config.json").read_text()).get("af_type")
+    raise FileNotFoundError(f"{run_dir} has no activations/ folder (af_type {af_type!r} has no learnable activation): "
+                            "nothing to push as activations. Push the model instead with include_model=True "
+                            "(`afgpt push RUN_DIR REPO_ID --include-model`)")
+
+
+def push_model(run_dir: Path, repo_id: str, token: str | bool | None, private: bool) -> None:
+    """The final model (its modeling code travels with it, for trust_remote_code=True) and the run's tokenizer."""
+    AfGPTForCausalLM.from_pretrained(run_dir).push_to_hub(repo_id, token=token, private=private)
+    if (run_dir / "tokenizer_config.json").is_file():
+        AutoTokenizer.from_pretrained(run_dir).push_to_hub(repo_id, token=token, private=private)
+
+
+@contextlib.contextmanager
+def hub_errors(action: str, repo_id: str, revision: str | None = None) -> Iterator[None]:
+    """Re-raise huggingface_hub's connection and lookup errors as HubError naming repo, endpoint and fix."""
+    where = f"{repo_id!r} at {constants.ENDPOINT}"
+    try:
+        yield
+    except (TransportError, LocalEntryNotFoundError) as err:  # snapshot_download reports no connection as the latter
+        reason = err.__cause__ or err
+        raise HubError(f"could not {action} {where}: the Hub is unreachable ({type(reason).__name__}: {reason}). "
+                       "Check the network connection and HF_ENDPOINT (unset it for huggingface.co, or point it at a "
+                       "reachable mirror)") from err
+    except RevisionNotFoundError as err:
+        raise HubError(f"could not {action} {where}: it has no revision {revision!r}; check the branch, tag or "
+                       "commit") from err
+    except RepositoryNotFoundError as err:
+        raise HubError(f"could not {action} {where}: no such repo, or it is private. Check the id (owner/name), "
+                       "HF_ENDPOINT, and that your token (HF_TOKEN or `hf auth login`) can access it") from err
+    except HfHubHTTPError as err:
+        if err.response is not None and err.response.status_code in (401, 403):
+            raise HubError(f"could not {action} {where}: the token was refused ({err.response.status_code}). Log in "
+                           "with `hf auth login` or set HF_TOKEN to a token with write access") from err
+        raise
