@@ -543,3 +543,17 @@ def test_plot_activation_file(tmp_path):
     assert fig.get_suptitle() == "spline;att-spline: first and last layers own theirs, the middle layers share one"
     anchors = np.asarray(fig.axes[0].get_lines()[-1].get_xdata())
     np.testing.assert_allclose(anchors, np.linspace(-3, 3, 16), rtol=1e-6)
+
+
+def test_afgpt_plot_command(tmp_path, capsys):
+    from afgpt.cli import main
+    bank = bank_of("spline;att-spline", 0)
+    bank.save(tmp_path / "bank")
+    (tmp_path / "bank" / "activations.png").unlink()
+    main(["plot", str(tmp_path / "bank")])
+    assert (tmp_path / "bank" / "activations.png").read_bytes()[:8] == PNG_MAGIC
+    csv = bank.to_lmafs_csv(tmp_path / "ptAf-r-step5.csv")
+    main(["plot", str(csv), "--num-hidden-layers", "4", "--af-type", "spline;att-spline"])
+    assert csv.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(SystemExit, match="afgpt plot: error: .*does not exist"):
+        main(["plot", str(tmp_path / "missing.csv")])

@@ -175,3 +175,10 @@ def test_local_bank_directory_loads_without_the_hub(hub, tmp_path):
     assert_same_tensors(load_activations(tmp_path / "bank").state_dict(), bank.state_dict())
     assert_same_tensors(load_activations(str(tmp_path / "bank")).state_dict(), bank.state_dict())
     assert hub.requests == []
+
+
+def test_afgpt_push_command_reports_an_unreachable_hub(monkeypatch, run_dir, tmp_path):
+    from afgpt.cli import main
+    point_hub_at(monkeypatch, f"http://127.0.0.1:{closed_port()}", tmp_path / "hf-cache")
+    with pytest.raises(SystemExit, match="afgpt push: error: could not push to 'user/away'.*unreachable"):
+        main(["push", str(run_dir), "user/away", "--token", TOKEN])

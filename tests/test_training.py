@@ -276,3 +276,13 @@ def test_gradient_accumulation_matches_one_large_batch():
     assert reference.keys() == optimizer.seen.keys()
     for key, grad in reference.items():
         torch.testing.assert_close(optimizer.seen[key], grad, atol=5e-5, rtol=1e-3)  # a missing 1/2 would be 100%
+
+
+@pytest.mark.parametrize("level, plots", [(0, set()), (1, {"training_curves.png", "activations.png"}),
+                                          (2, {"training_curves.png", "activations.png", "activation_magnitudes.png"})])
+def test_plotting_level_sets_which_plots_a_run_draws(tmp_path, level, plots):
+    train(tiny_run(tmp_path, max_steps=4, warmup_steps=1, cooldown_steps=1, eval_steps=2, save_steps=4,
+                   vocab_size=300, plotting_level=level, save_af_steps=2, af_type="spline;att-linear"))
+    run = tmp_path / "run"
+    assert {p.name for p in (run / "plots").glob("*.png")} == plots
+    assert [p.name for p in sorted((run / "activation_snapshots").iterdir())] == ["step-000002"]  # and 4: final
