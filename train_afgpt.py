@@ -6,7 +6,6 @@ with --nModels > 1, stage II with --afFileToLoad), and writes lm-afs's learned-a
 """
 import argparse
 import dataclasses
-import sys
 from datetime import datetime
 from pathlib import Path
 

@@ -518,7 +518,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
             state.elapsed += seconds
             speed = window_tokens / seconds
             metrics.write(*train_records(results, replicas, state.step, speed, cfg))
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:,.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:,.0f}",
+                            **({"replicas": f"{len(results)}/{cfg.n_models}"} if cfg.n_models > 1 else {}))
             logger.info(f"Step {state.step}/{cfg.max_steps}   lossTr {loss:.4f}   accTr {100 * accuracy:.1f}   "
                         f"{state.elapsed:.0f}s = {state.elapsed / state.step:.3f}s/step   {speed:,.0f} tokens/s")
             if cfg.n_models > 1:
