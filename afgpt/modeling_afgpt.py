@@ -72,14 +72,15 @@ class AfGPTRotaryEmbedding(nn.Module):
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: rotating x is then x * cos + x.roll(half) * signed_sin(sin)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [batch, heads, seq, head_dim] by positions given as [batch, seq, head_dim] cos/sin."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (halves rotated as pairs) in three kernels; cos and sin_signed broadcast against x."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
 def eager_attention_forward(
@@ -113,7 +114,7 @@ class ScalarAffine(nn.Module):
         self.bias = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.weight.to(x.dtype) + self.bias.to(x.dtype)
+        return torch.addcmul(self.bias.to(x.dtype), x, self.weight.to(x.dtype))  # one kernel
 
 
 class AfGPTAttention(nn.Module):
@@ -153,15 +154,16 @@ class AfGPTAttention(nn.Module):
             x = x + activation(self.pre_activation(x))
         batch, seq, _ = x.shape
         shape = (batch, seq, self.num_heads, self.head_dim)
-        q = self.q_proj(x).view(shape).transpose(1, 2)
-        k = self.k_proj(x).view(shape).transpose(1, 2)
+        # QK-norm and rotary on q and k side by side ([batch, seq, 2 * heads, head_dim]): one kernel per
+        # step for both, before the transpose to [batch, heads, seq, head_dim]
+        qk = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1).view(batch, seq, 2 * self.num_heads, self.head_dim)
+        cos, sin = position_embeddings
+        qk = rotate(F.rms_norm(qk, (self.head_dim,)), cos[:, :, None], signed_sin(sin)[:, :, None])
+        q, k = qk.transpose(1, 2).split(self.num_heads, dim=1)
         v = self.v_proj(x).view(shape).transpose(1, 2)
         if value_first is None:
             value_first = v
         v = torch.lerp(v, value_first, self.value_lambda.to(v.dtype))
-        q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
-        cos, sin = position_embeddings
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
 
@@ -209,7 +211,7 @@ class AfGPTBlock(GradientCheckpointingLayer):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         lambdas = self.block_lambdas.to(hidden_states.dtype)
-        x = lambdas[0] * hidden_states + lambdas[1] * x0
+        x = torch.addcmul(hidden_states * lambdas[0], x0, lambdas[1])  # lambdas[0] * h + lambdas[1] * x0
         attn_out, value_first, _ = self.attn(
             self.attn_norm(x), position_embeddings, attention_mask, att_activation,
             value_first=value_first, past_key_values=past_key_values, **kwargs)
@@ -259,6 +261,10 @@ class AfGPTPreTrainedModel(PreTrainedModel):
         elif hasattr(module, "initial_state"):  # learnable activations
             for name, value in module.initial_state().items():
                 init.copy_(getattr(module, name), value)
+
+    def load_activations(self, bank: nn.Module, freeze: bool = True) -> "AfGPTPreTrainedModel":
+        """Put learned activations (an `afgpt.ActivationBank`) into this model; frozen by default (stage II)."""
+        return bank.load_into(self, freeze=freeze)
 
 
 class AfGPTModel(AfGPTPreTrainedModel):
@@ -345,7 +351,7 @@ class AfGPTModel(AfGPTPreTrainedModel):
         value_first, skips, hidden_states = None, [], []
         for i, layer in enumerate(self.layers):
             if i >= self.num_encoder_layers:
-                x = x + self.skip_weights[i - self.num_encoder_layers].to(x.dtype) * skips.pop()
+                x = torch.addcmul(x, skips.pop(), self.skip_weights[i - self.num_encoder_layers].to(x.dtype))
             if output_hidden_states:
                 hidden_states.append(x)
             mlp_act, att_act = self.layer_activations(i)

@@ -8,9 +8,15 @@ with the same lr/betas, and a thin wrapper that takes `shift_labels` and compute
 same transformers loss function AfGPT uses. MFU is measured against a large fp32 matmul timed in
 the same run.
 
-    python bench/bench_train.py [--hidden 128] [--steps 2] [--rounds 8]
+    python bench/bench_train.py [--hidden 128] [--steps 2] [--rounds 8] [--threads N]
+
+Run it on an otherwise idle machine (the load average is printed before and after): when other
+processes compete for the cores, each multi-threaded kernel can stall for a scheduler tick (~4 ms)
+waiting for a descheduled thread, so tokens/s then measures the number of kernels rather than the
+work, and both models slow down several-fold. `--threads 1` is a contention-robust comparison.
 """
 import argparse
+import os
 import statistics
 import time
 from types import SimpleNamespace
@@ -75,7 +81,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8, help="timed rounds per model (interleaved)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table per model")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
 
     torch.manual_seed(0)
     h, L, seq, V = args.hidden, args.layers, args.seq, args.vocab
@@ -135,7 +145,8 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; hidden {h}, layers {L}, heads {args.heads}, "
           f"seq {seq}, batch {args.batch}, vocab {V}; {args.rounds} interleaved rounds x {args.steps} steps "
-          f"(+{args.warmup} warm-up)")
+          f"(+{args.warmup} warm-up); load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
+          f"on {os.cpu_count()} cores")
     print(f"fp32 matmul peak (2048^3, best of {len(peaks)} probes): {peak:,.1f} GFLOP/s  "
           f"(probes: {', '.join(f'{p:.1f}' for p in peaks)})")
     print()
