@@ -618,7 +618,8 @@ def validate(model, val_tokens, cfg: TrainConfig, metrics: MetricsWriter, step: 
         loss, accuracy = evaluate(model, batches, cfg.eval_batches)
     finally:
         monitor.close()
-    metrics.write({"kind": "val", "step": step, "loss": loss, "accuracy": accuracy}, *monitor.records(step))
+    record = {"kind": "val", "step": step, "loss": loss, "accuracy": accuracy}
+    metrics.write(record if cfg.n_models == 1 else {**record, "replica": 0}, *monitor.records(step))
     logger.info(f"Step {step}/{cfg.max_steps}   lossVa {loss:.4f}   accVa {100 * accuracy:.1f}")
     return loss, accuracy
 

@@ -103,6 +103,8 @@ def test_staggered_replicas_start_late_with_their_own_schedules(tmp_path, shared
     assert "3 replicas sharing their activations" in log and "replicas 3/3 active" in log
     assert "lossTr per replica: " in log and "replicas 1/3 active" in log
     assert (run / "plots" / "training_curves.png").is_file()
+    val = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "val"]
+    assert [(r["step"], r["replica"]) for r in val] == [(9, 0)]  # evaluation is replica 0's
     provenance = json.loads((run / "activations" / "af_config.json").read_text())["provenance"]
     assert provenance["n_models"] == 3
 
