@@ -10,7 +10,9 @@
 // in registers and are read with permutes (gathers cost ~2 cycles per element on AMD Zen 4);
 // per-channel tables are read with gathers, tile by tile so that tables and histograms stay
 // in cache. AVX2 CPUs (e.g. Zen 3, where a gather costs ~3 cycles per element) gather (c, d)
-// pairs as one 64-bit element and sweep per-channel work by channel groups. Other CPUs run
+// pairs as one 64-bit element; per-channel they gather (v[i], v[i+1]) from the raw values and
+// slopes from a [C][K-1] table, sweeping channel groups and summing histograms of 256-row
+// chunks in float before adding them to double ones. Other CPUs run
 // plain loops that the compiler vectorises as far as it can.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -427,8 +429,15 @@ struct SharedGrad {
 };
 
 // ---- per-channel splines ----
-constexpr int64_t kGroupBytes = 128 * 1024;  // table or histogram bytes of a channel group
-constexpr int64_t kAhead = 4;                // rows prefetched ahead
+// Tables are channel-major: the forward gathers (v[i], v[i+1]) of the values [C][K] as one
+// 64-bit element, the backward gathers slopes [C][K-1] (d/h), half the bytes of blocked (c, d)
+// tables. Each thread owns a channel range, swept by chunks of rows and, in a chunk, by channel
+// groups whose tables and float histograms stay in cache.
+constexpr int64_t kAhead = 4;                   // rows prefetched ahead
+constexpr int64_t kTableBytes = 128 * 1024;     // forward / grad_x: table bytes of a channel group
+constexpr int64_t kHistBytes = 64 * 1024;       // values gradient: float histogram bytes of a group
+constexpr int64_t kMinGroup = 64;               // channels: narrower groups read rows too sparsely
+constexpr int64_t kChunkRows = 256;             // rows summed in float before a double flush
 
 template <typename T>
 inline void prefetch(const T* p, int64_t n) {
@@ -436,41 +445,39 @@ inline void prefetch(const T* p, int64_t n) {
     _mm_prefetch(reinterpret_cast<const char*>(p + q), _MM_HINT_T0);
 }
 
-// Calls f(row_begin, row_end, ch_begin, ch_end) for the tiles of rows x channels: each thread
-// owns a channel range (a multiple of kLanes wide) swept group by group, or, with too few
-// channels and rows_ok, a row range. Each channel is then done by one thread in row order.
+// Calls f(row_begin, row_end, ch_begin, ch_end) for tiles of chunk rows x group channels. Each
+// thread owns a channel range (a multiple of 8 wide) or, with too few channels and rows_ok, a
+// row range; a channel's rows are visited in order, chunk by chunk.
 template <typename F>
-void channel_tiles(int64_t rows, int64_t ch, int64_t group, int nt, bool rows_ok, const F& f) {
-  int64_t blocks = (ch + kLanes - 1) / kLanes;
+void channel_tiles(int64_t rows, int64_t ch, int64_t group, int64_t chunk, int nt, bool rows_ok,
+                   const F& f) {
+  int64_t blocks = (ch + 7) / 8;
+  auto sweep = [&](int64_t rb, int64_t re, int64_t cb, int64_t ce) {
+    for (int64_t r = rb; r < re; r += chunk)
+      for (int64_t c = cb; c < ce; c += group) f(r, std::min(re, r + chunk), c, std::min(ce, c + group));
+  };
   if (rows_ok && blocks < 2 * nt && rows >= 2 * nt) {
-    parallel_ranges(rows, nt, [&](int, int64_t b, int64_t e) {
-      for (int64_t c = 0; c < ch; c += group) f(b, e, c, std::min(ch, c + group));
-    });
+    parallel_ranges(rows, nt, [&](int, int64_t b, int64_t e) { sweep(b, e, 0, ch); });
     return;
   }
   int n = int(std::min<int64_t>(nt, blocks));
 #pragma omp parallel for schedule(static) num_threads(n)
-  for (int tid = 0; tid < n; ++tid) {
-    int64_t b = blocks * tid / n * kLanes, e = std::min(ch, blocks * (tid + 1) / n * kLanes);
-    for (int64_t c = b; c < e; c += group) f(int64_t(0), rows, c, std::min(e, c + group));
-  }
+  for (int tid = 0; tid < n; ++tid)
+    sweep(0, rows, blocks * tid / n * 8, std::min(ch, blocks * (tid + 1) / n * 8));
 }
 
-// Group width in channels (a multiple of kLanes) for bytes_per_channel of tables/histograms.
-inline int64_t group_width(int64_t bytes_per_channel) {
-  return std::max<int64_t>(1, kGroupBytes / bytes_per_channel / kLanes) * kLanes;
-}
-
-// Table positions of channels c..c+7 (c a multiple of 8) for interval 0: block(c) + c%16 + lane.
-inline VI table_base(const Tables& tab, int64_t c) {
-  return _mm256_add_epi32(_mm256_set1_epi32(int(tab.block(c) + c % kLanes)), lanes());
+inline int64_t group_of(int64_t bytes, int64_t bytes_per_channel) {
+  return std::max<int64_t>(kMinGroup, bytes / bytes_per_channel / 8 * 8);
 }
 
 template <typename T>
-void forward_channels(const T* x, T* y, int64_t rows, const Grid& grid, const Tables& tab) {
-  int64_t ch = tab.splines;
+void forward_channels(const T* x, T* y, int64_t rows, const Grid& grid, const float* v, int64_t ch,
+                      int64_t k) {
   VGrid g(grid);
-  channel_tiles(rows, ch, group_width(tab.intervals * 8), threads_for(rows * ch), true,
+  const double* pairs = reinterpret_cast<const double*>(v);  // (v[j], v[j+1]) at float offset j
+  const VI lane_k = _mm256_mullo_epi32(lanes(), _mm256_set1_epi32(int(k)));
+  int64_t group = group_of(kTableBytes, k * 4), chunk = rows;
+  channel_tiles(rows, ch, group, chunk, threads_for(rows * ch), true,
                 [&](int64_t rb, int64_t re, int64_t cb, int64_t ce) {
     for (int64_t r = rb; r < re; ++r) {
       const T* xr = x + r * ch;
@@ -479,39 +486,57 @@ void forward_channels(const T* x, T* y, int64_t rows, const Grid& grid, const Ta
       int64_t c = cb;
       for (; c + 8 <= ce; c += 8) {
         V t = g.clamp(g.coord(vload(xr + c)));
-        VI at = _mm256_add_epi32(_mm256_slli_epi32(g.interval(t), 4), table_base(tab, c));
-        vstore(yr + c, pair_lerp(tab.cd.data(), at, t));
+        VI i = g.interval(t);
+        VI at = _mm256_add_epi32(_mm256_add_epi32(i, lane_k), _mm256_set1_epi32(int(c * k)));
+        V lo = _mm256_castpd_ps(_mm256_i32gather_pd(pairs, _mm256_castsi256_si128(at), 4));
+        V hi = _mm256_castpd_ps(_mm256_i32gather_pd(pairs, _mm256_extracti128_si256(at, 1), 4));
+        V v0 = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));  // lanes (0 1 4 5 | 2 3 6 7)
+        V v1 = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
+        v0 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(v0), _MM_SHUFFLE(3, 1, 2, 0)));
+        v1 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(v1), _MM_SHUFFLE(3, 1, 2, 0)));
+        V frac = _mm256_sub_ps(t, _mm256_cvtepi32_ps(i));
+        vstore(yr + c, _mm256_fmadd_ps(frac, _mm256_sub_ps(v1, v0), v0));
       }
       for (; c < ce; ++c) {
         float t = clamp_t((load(xr[c]) - grid.a0) * grid.inv_h, grid.tmax);
-        int64_t at = tab.at(c, interval(t, grid.kmax));
-        store(yr + c, tab.cd[2 * at] + t * tab.cd[2 * at + 1]);
+        int i = interval(t, grid.kmax);
+        float v0 = v[c * k + i], v1 = v[c * k + i + 1];
+        store(yr + c, v0 + (t - float(i)) * (v1 - v0));
       }
     }
   });
 }
 
-// hist, if set, is [C][K][2] (A, B) and gets cell c*K + i of each element.
+// hist, if set, is [C][K][2] (A, B). Each group accumulates a chunk of rows into a float
+// histogram [w][K][2] (at most chunk terms a cell), added to hist in double after the chunk.
 template <typename T>
 void backward_channels(const T* x, const T* gy, T* gx, int64_t rows, const Grid& grid,
-                       const Tables& tab, double* hist) {
-  int64_t ch = tab.splines, k = tab.intervals + 1;
+                       const float* v, int64_t ch, int64_t k, double* hist) {
   VGrid g(grid);
-  int64_t group = group_width(hist ? k * 16 : k * 4);
-  channel_tiles(rows, ch, group, threads_for(rows * ch), !hist,
+  std::vector<float> slopes(ch * (k - 1));
+  for (int64_t c = 0; c < ch; ++c)
+    for (int64_t i = 0; i + 1 < k; ++i)
+      slopes[c * (k - 1) + i] = (v[c * k + i + 1] - v[c * k + i]) * grid.inv_h;
+  const float* ds = slopes.data();
+  const VI lane_k = _mm256_mullo_epi32(lanes(), _mm256_set1_epi32(int(k)));
+  const VI lane_k1 = _mm256_mullo_epi32(lanes(), _mm256_set1_epi32(int(k - 1)));
+  int64_t group = hist ? group_of(kHistBytes, k * 8) : group_of(kTableBytes, k * 4);
+  int64_t chunk = hist ? kChunkRows : rows;
+  channel_tiles(rows, ch, group, chunk, threads_for(rows * ch), !hist,
                 [&](int64_t rb, int64_t re, int64_t cb, int64_t ce) {
-    // the group's histogram is [K][w][2]: the cells of the busy intervals stay close together
     int64_t w = ce - cb;
-    std::vector<uint32_t> cell(hist ? w + 8 : 0);
-    std::vector<float> pair(2 * cell.size());
-    std::vector<double> local(hist ? k * w * 2 : 0, 0.0);
-    const float* ds = tab.ds.data();
-    const VI vw = _mm256_set1_epi32(int(w));
+    thread_local std::vector<uint32_t> cell;
+    thread_local std::vector<float> pair, fh;
+    if (hist) {
+      cell.resize(std::max<size_t>(cell.size(), w + 8));
+      pair.resize(std::max<size_t>(pair.size(), 2 * (w + 8)));
+      fh.assign(w * k * 2, 0.f);
+    }
     for (int64_t r = rb; r < re; ++r) {
       int64_t o = r * ch;
       if (r + kAhead < re) {
-        prefetch(x + o + kAhead * ch + cb, ce - cb);
-        prefetch(gy + o + kAhead * ch + cb, ce - cb);
+        prefetch(x + o + kAhead * ch + cb, w);
+        prefetch(gy + o + kAhead * ch + cb, w);
       }
       int64_t c = cb;
       for (; c + 8 <= ce; c += 8) {
@@ -519,12 +544,11 @@ void backward_channels(const T* x, const T* gy, T* gx, int64_t rows, const Grid&
         V t = g.clamp(traw);
         VI i = g.interval(t);
         V gj = vload(gy + o + c);
-        VI at = _mm256_add_epi32(_mm256_slli_epi32(i, 4), table_base(tab, c));
+        VI at = _mm256_add_epi32(_mm256_add_epi32(i, lane_k1), _mm256_set1_epi32(int(c * (k - 1))));
         V slope = _mm256_i32gather_ps(ds, at, 4);
         vstore(gx + o + c, _mm256_and_ps(g.inside(traw), _mm256_mul_ps(gj, slope)));
         if (hist) {
-          VI lane_ch = _mm256_add_epi32(_mm256_set1_epi32(int(c - cb)), lanes());
-          VI cells = _mm256_add_epi32(_mm256_mullo_epi32(i, vw), lane_ch);
+          VI cells = _mm256_add_epi32(_mm256_add_epi32(i, lane_k), _mm256_set1_epi32(int((c - cb) * k)));
           put_records(cells, gj, t, i, &cell[c - cb], &pair[2 * (c - cb)]);
         }
       }
@@ -533,20 +557,28 @@ void backward_channels(const T* x, const T* gy, T* gx, int64_t rows, const Grid&
         float traw = (load(x[o + c]) - grid.a0) * grid.inv_h;
         float t = clamp_t(traw, grid.tmax);
         int i = interval(t, grid.kmax);
-        store(gx + o + c, inside(traw, grid.tmax) ? gv * ds[tab.at(c, i)] : 0.f);
+        store(gx + o + c, inside(traw, grid.tmax) ? gv * ds[c * (k - 1) + i] : 0.f);
         if (hist) {
-          cell[c - cb] = uint32_t(i * w + c - cb);
+          cell[c - cb] = uint32_t((c - cb) * k + i);
           pair[2 * (c - cb)] = gv;
           pair[2 * (c - cb) + 1] = gv * (t - float(i));
         }
       }
-      if (hist) add_records(cell.data(), pair.data(), w, local.data());
+      if (hist) {
+        float* h = fh.data();
+        for (int64_t q = 0; q < w; ++q) {  // one 64-bit read-add-write per record
+          double* p = reinterpret_cast<double*>(h + 2 * int64_t(cell[q]));
+          __m128 sum = _mm_add_ps(_mm_castpd_ps(_mm_load_sd(p)),
+                                  _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(&pair[2 * q]))));
+          _mm_store_sd(p, _mm_castps_pd(sum));
+        }
+      }
     }
-    if (hist)
-      for (int64_t c = cb; c < ce; ++c)
-        for (int64_t i = 0; i < k; ++i)
-          for (int ab = 0; ab < 2; ++ab)
-            hist[(c * k + i) * 2 + ab] += local[(i * w + c - cb) * 2 + ab];
+    if (hist) {
+      double* out = hist + cb * k * 2;
+      const float* h = fh.data();
+      for (int64_t q = 0; q < w * k * 2; ++q) out[q] += double(h[q]);
+    }
   });
 }
 }  // namespace avx2
@@ -730,9 +762,6 @@ void for_tiles(int64_t rb, int64_t re, int64_t cb, int64_t ce, const F& f) {
 
 template <typename T>
 void forward_channels(const T* x, T* y, int64_t rows, const Grid& g, const Tables& tab) {
-#if AFGPT_AVX2
-  return avx2::forward_channels(x, y, rows, g, tab);
-#endif
   int64_t ch = tab.splines;
   parallel_ranges(rows, threads_for(rows * ch), [&](int, int64_t b, int64_t e) {
     for_tiles(b, e, 0, ch, [&](int64_t r0, int64_t n, int64_t c, int64_t w) {
@@ -771,9 +800,6 @@ void channel_hist_range(const T* x, const T* gy, T* gx, int64_t rows, int64_t b,
 template <typename T>
 void backward_channels(const T* x, const T* gy, T* gx, int64_t rows, const Grid& g,
                        const Tables& tab, double* hist) {
-#if AFGPT_AVX2
-  return avx2::backward_channels(x, gy, gx, rows, g, tab, hist);
-#endif
   int64_t ch = tab.splines;
   int nt = threads_for(rows * ch);
   if (!hist) {
@@ -829,11 +855,15 @@ at::Tensor forward(const at::Tensor& x_in, const at::Tensor& v_in, double x_min,
   at::Tensor y = at::empty_like(x);
   int64_t k = v.size(-1), splines = v.dim() == 1 ? 1 : v.size(0);
   Grid g = make_grid(k, x_min, x_max);
-  Tables tab = make_tables(v.data_ptr<float>(), splines, k, g.inv_h, false);
+  Tables tab = AFGPT_AVX2 && splines > 1 ? Tables{}
+                                          : make_tables(v.data_ptr<float>(), splines, k, g.inv_h, false);
   dispatch_dtype(x, [&](auto tag) {
     using T = decltype(tag);
     const T* xp = static_cast<const T*>(x.data_ptr());
     T* yp = static_cast<T*>(y.data_ptr());
+#if AFGPT_AVX2
+    if (splines > 1) return avx2::forward_channels(xp, yp, x.numel() / splines, g, v.data_ptr<float>(), splines, k);
+#endif
     if (v.dim() == 1)
       forward_shared(xp, yp, x.numel(), g, tab);
     else
@@ -852,7 +882,8 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& gy_in, const at::T
   at::Tensor gx = at::empty_like(x);
   int64_t k = v.size(-1), splines = v.dim() == 1 ? 1 : v.size(0);
   Grid g = make_grid(k, x_min, x_max);
-  Tables tab = make_tables(v.data_ptr<float>(), splines, k, g.inv_h, true);
+  Tables tab = AFGPT_AVX2 && splines > 1 ? Tables{}
+                                          : make_tables(v.data_ptr<float>(), splines, k, g.inv_h, true);
   std::vector<double> hist(values_grad ? splines * k * 2 : 0, 0.0);
   double* hp = values_grad ? hist.data() : nullptr;
   dispatch_dtype(x, [&](auto tag) {
@@ -860,6 +891,10 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& gy_in, const at::T
     const T* xp = static_cast<const T*>(x.data_ptr());
     const T* gp = static_cast<const T*>(gy.data_ptr());
     T* gxp = static_cast<T*>(gx.data_ptr());
+#if AFGPT_AVX2
+    if (splines > 1)
+      return avx2::backward_channels(xp, gp, gxp, x.numel() / splines, g, v.data_ptr<float>(), splines, k, hp);
+#endif
     if (v.dim() == 1)
       backward_shared(xp, gp, gxp, x.numel(), g, tab, hp);
     else
