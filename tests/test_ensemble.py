@@ -167,3 +167,30 @@ def test_stage_two_refuses_a_bank_that_does_not_fit(tmp_path):
     training.AcceleratorState._reset_state()
     with pytest.raises(ValueError, match="attention activation: the bank holds 'spline'"):
         training.build_replica_set(cfg, run_data, training.Accelerator(mixed_precision="no"))
+
+
+def test_stage_one_resumes_exactly(tmp_path, shared_data, monkeypatch):
+    """Replicas, their optimizers and data streams, and the shared activations all come back from a checkpoint."""
+    fields = dict(af_type="spline;att-spline", n_models=2, staggered_starts=2, max_steps=12, save_steps=4,
+                  eval_steps=12, logging_steps=2, warmup_steps=2, cooldown_steps=4)
+    reference = train(tiny_run(tmp_path / "a", shared_data, **fields))
+    real_step, calls = training.train_step, {"n": 0}
+
+    def killed_at_step_ten(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt("killed")
+        return real_step(*args, **kwargs)
+
+    cfg = tiny_run(tmp_path / "b", shared_data, **fields)
+    monkeypatch.setattr(training, "train_step", killed_at_step_ten)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(training, "train_step", real_step)
+    resumed = train(cfg, resume=True)
+    assert (resumed["train_loss"], resumed["val_loss"]) == (reference["train_loss"], reference["val_loss"])
+
+    def losses(run):  # every replica's loss and learning rate at every logged step (speeds differ, of course)
+        return [(r["step"], r["replica"], r["loss"], r["lr"]) for r in train_records(run)]
+
+    assert losses(tmp_path / "b" / "run") == losses(tmp_path / "a" / "run")
