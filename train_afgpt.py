@@ -193,9 +193,8 @@ def write_activation_files(flags: LmAfsFlags) -> list[Path]:
 
 
 def lmafs_config(flags: LmAfsFlags) -> dict:
-    """The run's flags as lm-afs stores them in a .pt config (afType split into [mlp, att])."""
-    mlp, att = flags.afType.split(";", 1)
-    return {**dataclasses.asdict(flags), "afType": [mlp, att.removeprefix("att-")]}
+    """The run's flags for the .pt config; afType is left to the bank, which writes it in lm-afs's split form."""
+    return {name: value for name, value in dataclasses.asdict(flags).items() if name != "afType"}
 
 
 def main(argv: list[str] | None = None) -> None:

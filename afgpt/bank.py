@@ -15,7 +15,6 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from huggingface_hub import CommitInfo, create_repo, upload_folder
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import replace_directory, write_atomically
 from .activations import Spline, is_learnable, parse_af_spec
 from .configuration_afgpt import AfGPTConfig
 from .modeling_afgpt import AfGPTActivations, activation_slot
@@ -84,9 +84,8 @@ class ActivationBank(nn.Module):
         `directory` holds either the old bank or the complete new one."""
         directory = Path(directory)
         old = directory.with_name(f".{directory.name}.old")
-        if old.exists() and not directory.exists():  # a crash between the two renames below
+        if old.exists() and not directory.exists():  # a crash between replace_directory's two renames
             os.replace(old, directory)
-        shutil.rmtree(old, ignore_errors=True)
         tmp = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.tmp")
         tmp.mkdir(parents=True)
         try:
@@ -94,10 +93,7 @@ class ActivationBank(nn.Module):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_directory(tmp, directory, old)
         return directory
 
     def write_files(self, directory: Path) -> None:
@@ -247,18 +243,6 @@ class ActivationBank(nn.Module):
 def csv_numbers(t: torch.Tensor) -> str:
     """Comma-separated, every value written so it reads back to the same float32."""
     return ",".join(repr(v) for v in t.detach().float().flatten().tolist())
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """`write` a temp file beside `path`, then rename it into place: `path` is never half-written."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def loss_text(loss) -> str | None:

@@ -21,6 +21,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from .atomic import write_atomically
+
 BUILTIN_PYDOC = "builtin:pydoc"
 EOT_TOKEN = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 4096  # a 50k vocabulary would dominate the parameters of a ~1M-parameter model
@@ -199,11 +201,13 @@ def write_shard(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray) -> 
         raise ValueError(f"{path}: {tokens.size} tokens overflow the int32 header; use a smaller shard_size")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype(np.uint16).tobytes())
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype(np.uint16).tobytes())
+
+    write_atomically(path, write)
 
 
 def read_shard(path: str | os.PathLike) -> np.memmap:

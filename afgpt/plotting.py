@@ -5,11 +5,9 @@ a training loop can plot at every eval) and PNGs are written atomically: a crash
 leaves a half-written plot. Each `plot_*` has a `*_figure` twin that returns the figure, for tests
 and for callers that want another format.
 """
-import contextlib
 import copy
 import json
 import os
-import uuid
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from matplotlib.ticker import FormatStrFormatter
 from torch import nn
 
 from .activations import Spline
+from .atomic import write_atomically
 from .modeling_afgpt import AfGPTActivations, activation_slot
 
 DPI = 150
@@ -50,19 +49,15 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 def save_figure(fig: Figure, path: str | os.PathLike) -> None:
     """Write `fig` as a PNG via a temp file in the same directory and os.replace, so `path` is
     either the old plot or the complete new one, never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # not mkstemp: it makes 0600 files
-    try:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
         with open(tmp, "xb") as f:
             fig.savefig(f, format="png", dpi=DPI)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+
+    write_atomically(path, write)
 
 
 def new_figure(nrows: int, ncols: int, panel_size: tuple[float, float]) -> tuple[Figure, list[list[Axes]]]:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 
 from . import data as data_lib
+from .atomic import replace_directory, write_text_atomically
 from .bank import ActivationBank
 from .configuration_afgpt import AfGPTConfig
 from .ensemble import Replica, average_shared_gradients, build_replicas, schedule_offsets, start_steps
@@ -168,12 +169,6 @@ def activation_optimizer(activations: torch.nn.Module, cfg: TrainConfig) -> torc
     if cfg.af_lr > 0:
         return torch.optim.Adam(params, lr=cfg.af_lr, betas=(cfg.af_adam_beta1, cfg.af_adam_beta2))
     return torch.optim.SGD(params, lr=abs(cfg.af_lr))
-
-
-def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """[weights' AdamW, activations' optimizer (when they learn)] of one model."""
-    activations = activation_optimizer(model.base_model.activations, cfg)
-    return [weight_optimizer(model, cfg)] + ([activations] if activations else [])
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -407,13 +402,7 @@ class MetricsWriter:
     def rewrite(self) -> None:
         """After a resume, metrics.jsonl must match the restored history (drop lines past the checkpoint)."""
         if self.enabled:
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+            write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
 
 
 def save_checkpoint(accelerator: Accelerator, out: Path) -> None:
@@ -425,10 +414,7 @@ def save_checkpoint(accelerator: Accelerator, out: Path) -> None:
     accelerator.save_state(str(tmp), safe_serialization=False)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_directory(tmp, final, old)
     accelerator.wait_for_everyone()
 
 
@@ -446,11 +432,11 @@ def save_plots(model: torch.nn.Module, history: list, plots: Path, cfg: TrainCon
         plot_activation_magnitudes(magnitudes, plots / "activation_magnitudes.png", af_range=cfg.af_range)
 
 
-def save_activation_snapshot(model: AfGPTForCausalLM, out: Path, step: int, provenance: dict) -> None:
-    """Intermediate activations (save_af_steps) as a bank in activation_snapshots/step-NNNNNN."""
-    bank = ActivationBank.from_model(model, {**provenance, "steps": step})
+def save_bank(model: AfGPTForCausalLM, directory: Path, provenance: dict) -> None:
+    """The model's learnable activations as a bank directory (with its model card and plot), if it has any."""
+    bank = ActivationBank.from_model(model, provenance)
     if not bank.is_empty():
-        bank.save(out / "activation_snapshots" / f"step-{step:06d}")
+        bank.save(directory)
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
@@ -466,7 +452,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     accelerator.wait_for_everyone()
     setup_logging(Path(cfg.log_file) if cfg.log_file else out / "train.log", is_main)
     if is_main and not resume:
-        atomic_write_text(out / "train_config.json", json.dumps(asdict(cfg), indent=2))
+        write_text_atomically(out / "train_config.json", json.dumps(asdict(cfg), indent=2))
     logger.info(f"afgpt train: {accelerator.num_processes} process(es), device {accelerator.device}, "
                 f"mixed precision {cfg.mixed_precision}, output {out}")
 
@@ -533,7 +519,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                 save_plots(model, state.history, out / "plots", cfg)
             window_start = time.perf_counter()
         if cfg.save_af_steps and state.step % cfg.save_af_steps == 0 and state.step < cfg.max_steps and is_main:
-            save_activation_snapshot(model, out, state.step, provenance)
+            snapshot = out / "activation_snapshots" / f"step-{state.step:06d}"
+            save_bank(model, snapshot, {**provenance, "steps": state.step})
         if state.step % cfg.save_steps == 0 and state.step < cfg.max_steps:
             save_checkpoint(accelerator, out)
             window_start = time.perf_counter()
@@ -629,9 +616,7 @@ def save_final(model: AfGPTForCausalLM, run_data: RunData, out: Path, provenance
     model.save_pretrained(out)
     if run_data.tokenizer is not None:
         run_data.tokenizer.save_pretrained(out)
-    bank = ActivationBank.from_model(model, provenance)
-    if not bank.is_empty():
-        bank.save(out / "activations")  # with its model card and plot
+    save_bank(model, out / "activations", provenance)
 
 
 # ----------------------------------------------------------------------------- transformers.Trainer glue

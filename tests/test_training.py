@@ -38,20 +38,20 @@ def test_lr_schedules_follow_lm_afs(schedule):
 def test_activation_parameters_get_their_own_optimizer(af_lr, kind):
     model = afgpt.AfGPTForCausalLM(tiny_config(af_type="spline;att-spline"))
     cfg = TrainConfig(af_lr=af_lr)
-    optimizers = training.build_optimizers(model, cfg)
-    weights = optimizers[0]
+    activations = training.activation_optimizer(model.model.activations, cfg)
+    weights = training.weight_optimizer(model, cfg)
     assert weights.defaults["betas"] == (0.8, 0.95) and weights.defaults["lr"] == cfg.learning_rate
     activation_ids = {id(p) for p in model.model.activations.parameters()}
     assert not activation_ids & {id(p) for g in weights.param_groups for p in g["params"]}
     assert id(model.model.layers[0].attn.pre_activation.weight) in {id(p) for p in weights.param_groups[0]["params"]}
     if kind is None:
-        assert len(optimizers) == 1
+        assert activations is None
         assert not any(p.requires_grad for p in model.model.activations.parameters())
     else:
-        assert isinstance(optimizers[1], kind) and optimizers[1].defaults["lr"] == abs(af_lr)
-        assert {id(p) for p in optimizers[1].param_groups[0]["params"]} == activation_ids
+        assert isinstance(activations, kind) and activations.defaults["lr"] == abs(af_lr)
+        assert {id(p) for p in activations.param_groups[0]["params"]} == activation_ids
         if kind is torch.optim.Adam:
-            assert optimizers[1].defaults["betas"] == (0.99, 0.999)
+            assert activations.defaults["betas"] == (0.99, 0.999)
 
 
 def test_training_run_produces_a_complete_run_directory(tmp_path, shared_data):
