@@ -54,7 +54,8 @@ class AfGPTActivations(nn.Module):
 
 
 class AfGPTRotaryEmbedding(nn.Module):
-    """Rotary position embedding (cos, sin) for given positions."""
+    """Rotary position embedding for given positions: (cos, sin with its first half negated), the form
+    `rotate` takes, computed once per forward for all layers."""
 
     def __init__(self, config: AfGPTConfig):
         super().__init__()
@@ -68,18 +69,13 @@ class AfGPTRotaryEmbedding(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-
-
-def signed_sin(sin: torch.Tensor) -> torch.Tensor:
-    """sin with its first half negated: rotating x is then x * cos + x.roll(half) * signed_sin(sin)."""
-    half = sin.shape[-1] // 2
-    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), dim=-1).to(x.dtype), torch.cat((-sin, sin), dim=-1).to(x.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x (halves rotated as pairs) in three kernels; cos and sin_signed broadcast against x."""
+    """Rotary embedding of x (halves rotated as pairs) in three kernels: x * cos + rotate_half(x) * sin is
+    x * cos + x.roll(half) * sin_signed, with sin's first half negated; cos and sin_signed broadcast against x."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
@@ -158,7 +154,7 @@ class AfGPTAttention(nn.Module):
         # step for both, before the transpose to [batch, heads, seq, head_dim]
         qk = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1).view(batch, seq, 2 * self.num_heads, self.head_dim)
         cos, sin = position_embeddings
-        qk = rotate(F.rms_norm(qk, (self.head_dim,)), cos[:, :, None], signed_sin(sin)[:, :, None])
+        qk = rotate(F.rms_norm(qk, (self.head_dim,)), cos[:, :, None], sin[:, :, None])
         q, k = qk.transpose(1, 2).split(self.num_heads, dim=1)
         v = self.v_proj(x).view(shape).transpose(1, 2)
         if value_first is None:

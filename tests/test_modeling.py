@@ -221,13 +221,17 @@ def test_whole_model_compiles_with_fullgraph():
 
 
 def test_rotary_rotates_each_half_pair_by_its_position_angle():
-    from afgpt.modeling_afgpt import AfGPTRotaryEmbedding, rotate, signed_sin
+    from afgpt.modeling_afgpt import AfGPTRotaryEmbedding, rotate
     rotary = AfGPTRotaryEmbedding(tiny_config())
     x = torch.randn(2, 4, 7, rotary.head_dim)
-    cos, sin = rotary(x, torch.arange(3, 10)[None])
+    positions = torch.arange(3, 10)[None]
+    cos_signed, sin_signed = rotary(x, positions)
+    angles = positions[..., None].float() * rotary.inv_freq
+    cos, sin = torch.cat((angles, angles), dim=-1).cos(), torch.cat((angles, angles), dim=-1).sin()
+    torch.testing.assert_close(cos_signed, cos)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)  # the rotate_half formulation (Llama, lm-afs)
-    got = rotate(x, cos[:, None], signed_sin(sin)[:, None])
+    got = rotate(x, cos_signed[:, None], sin_signed[:, None])
     torch.testing.assert_close(got, x * cos[:, None] + rotated * sin[:, None])
     g1, g2 = got.chunk(2, dim=-1)
     torch.testing.assert_close(g1 ** 2 + g2 ** 2, x1 ** 2 + x2 ** 2)  # a rotation of each (x1[i], x2[i]) pair
