@@ -22,7 +22,7 @@ from huggingface_hub import CommitInfo, create_repo, upload_folder
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import replace_directory, write_atomically
+from .atomic import replace_directory, write_atomically, write_text_atomically
 from .activations import Spline, is_learnable, parse_af_spec
 from .configuration_afgpt import AfGPTConfig
 from .modeling_afgpt import AfGPTActivations, activation_slot
@@ -157,7 +157,7 @@ class ActivationBank(nn.Module):
         activation of every layer, then the attention activation of every layer."""
         lines = [csv_numbers(t) for row in self.lmafs_rows() for spline in self.per_layer(row)
                  for t in (spline.anchors, spline.values)]
-        return write_atomically(path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in lines), "utf-8"))
+        return write_text_atomically(path, "".join(f"{line}\n" for line in lines))
 
     def to_lmafs_pt(self, path: str | os.PathLike, config: dict | None = None) -> Path:
         """Write lm-afs's ptAf .pt atomically so lm-afs's trainLmAf.py loads it for stage II: per-layer lists
@@ -173,7 +173,7 @@ class ActivationBank(nn.Module):
                  afNAnchors=bank.af_n_anchors, nLayers=bank.num_hidden_layers, dimEmb=bank.hidden_size),
             **(config or {}))
         data = dict(config=hyperparameters, afValsMlp=values.get("mlp", []), afValsAtt=values.get("att", []),
-                    afAnchors=torch.linspace(-bank.af_range, bank.af_range, bank.af_n_anchors))
+                    afAnchors=self.per_layer(rows[0])[0].anchors.detach().float().cpu().clone())
 
         def save(tmp: Path) -> None:
             with lmafs_class_in_main():
