@@ -6,6 +6,7 @@ and layers look theirs up by slot index. Sharing an activation across layers is 
 structural: each parameter is stored once and survives save_pretrained/from_pretrained.
 """
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
 from .activations import SplineGrid, build_activation, parse_af_spec
 from .configuration_afgpt import AfGPTConfig
+from .losses import linear_cross_entropy
 
 
 def activation_slot(layer: int, num_layers: int, sharing: int) -> int:
@@ -392,22 +394,63 @@ class AfGPTForCausalLM(AfGPTPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        skip_logits: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """Labels follow transformers (the loss shifts them); pass `shift_labels` for pre-shifted targets."""
+    ) -> "AfGPTCausalLMOutput":
+        """Labels follow transformers (the loss shifts them); pass `shift_labels` for pre-shifted targets.
+
+        With labels in training mode the loss is fused with the LM head (`linear_cross_entropy`) and
+        the logits are never materialized: `logits` is None, `accuracy` holds the next-token accuracy,
+        and `lm_head`'s forward (and its hooks) do not run. A wrapped head (PEFT) keeps the plain path.
+        `skip_logits` overrides the choice, as in Liger-Kernel.
+        """
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep])
-        loss = None
-        if kwargs.get("shift_labels") is not None:
-            kwargs["shift_labels"] = kwargs["shift_labels"].contiguous()  # the loss views it flat
-        if labels is not None or kwargs.get("shift_labels") is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states)
+        has_labels = labels is not None or kwargs.get("shift_labels") is not None
+        fusable = has_labels and type(self.lm_head) is nn.Linear
+        if skip_logits is None:
+            skip_logits = self.training and fusable
+        if skip_logits and not fusable:
+            raise ValueError("skip_logits=True needs labels (or shift_labels) and a plain nn.Linear lm_head; "
+                             "pass labels, or skip_logits=False for a wrapped head")
+        loss = logits = accuracy = None
+        if skip_logits:
+            loss, accuracy = self._fused_loss(hidden, labels, **kwargs)
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep])
+            if has_labels:
+                if kwargs.get("shift_labels") is not None:
+                    kwargs["shift_labels"] = kwargs["shift_labels"].contiguous()  # the loss views it flat
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return AfGPTCausalLMOutput(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                   hidden_states=outputs.hidden_states, accuracy=accuracy)
+
+    def _fused_loss(self, hidden: torch.Tensor, labels: torch.Tensor | None, shift_labels: torch.Tensor | None = None,
+                    num_items_in_batch: torch.Tensor | int | None = None, ignore_index: int = -100,
+                    **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' ForCausalLMLoss (same shifting and reduction) computed by linear_cross_entropy."""
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        shift_labels = shift_labels.reshape(-1).to(hidden.device)
+        loss_sum, correct = linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, shift_labels, ignore_index)
+        n_valid = (shift_labels != ignore_index).sum()
+        if num_items_in_batch is None:
+            loss = loss_sum / n_valid
+        else:
+            loss = loss_sum / (num_items_in_batch.to(hidden.device) if torch.is_tensor(num_items_in_batch)
+                               else num_items_in_batch)
+        return loss, correct / n_valid.clamp_min(1)
+
+
+@dataclass
+class AfGPTCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus `accuracy`, the next-token accuracy of a fused training loss."""
+
+    accuracy: torch.FloatTensor | None = None
 
 
 class AfGPTForSequenceClassification(AfGPTPreTrainedModel):

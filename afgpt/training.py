@@ -592,7 +592,7 @@ def forward_backward(model: torch.nn.Module, micro_batches: list, accelerator: A
                 out = model(input_ids=input_ids, shift_labels=labels, use_cache=False)
             accelerator.backward(out.loss / n)
         total_loss += out.loss.detach()
-        total_acc += token_accuracy(out.logits.detach(), labels)
+        total_acc += token_accuracy(out.logits.detach(), labels) if out.logits is not None else out.accuracy
     loss = accelerator.reduce(total_loss, "mean").item() / n
     return loss, accelerator.reduce(total_acc, "mean").item() / n
 

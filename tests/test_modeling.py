@@ -14,7 +14,7 @@ def tokens(batch=2, seq=16, vocab=97, seed=0):
 def test_loss_is_next_token_cross_entropy():
     model = perturb(AfGPTForCausalLM(tiny_config()))
     x = tokens()
-    out = model(x, labels=x)
+    out = model(x, labels=x, skip_logits=False)
     expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, 97), x[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, expected)
     assert out.logits.shape == (2, 16, 97)
@@ -23,7 +23,7 @@ def test_loss_is_next_token_cross_entropy():
 def test_shift_labels_give_one_prediction_per_position():
     model = perturb(AfGPTForCausalLM(tiny_config()))
     window = tokens(seq=17)
-    out = model(window[:, :-1], shift_labels=window[:, 1:])
+    out = model(window[:, :-1], shift_labels=window[:, 1:], skip_logits=False)
     expected = F.cross_entropy(out.logits.reshape(-1, 97), window[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, expected)
 

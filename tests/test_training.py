@@ -118,9 +118,11 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
 
         def hook(module, args, output):
             calls["n"] += 1
-            return output * float("nan") if calls["n"] == 8 else output
+            if calls["n"] == 8:
+                output.last_hidden_state = output.last_hidden_state * float("nan")
+            return output
 
-        model.lm_head.register_forward_hook(hook)
+        model.model.register_forward_hook(hook)
         return model
 
     monkeypatch.setattr(training, "build_model", poisoned)

@@ -1,0 +1,62 @@
+"""Next-token cross-entropy fused with the LM head, computed a chunk of tokens at a time.
+
+A small LM's logits dwarf the rest of its activations: 4096 tokens x 8192 vocabulary is 134 MB of
+fp32, written, read back by log-softmax, written again as its gradient, and, being larger than the
+allocator's mmap threshold, page-faulted in fresh every step. Here the logits of a few hundred
+tokens at a time are made, turned into the loss, the argmax and the gradient while they sit in
+cache, and dropped. Gradients are computed in the forward pass (no recomputation), so the backward
+only scales them; the matmul FLOPs are those of the plain path.
+"""
+import torch
+
+CHUNK_BYTES = 16 * 2**20  # fp32 logits per chunk: stays in a desktop CPU's L3 cache
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `labels`; also counts correct argmaxes (a tie counts)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index: int, chunk: int):
+        with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # bf16 weights or autocast: fp32 softmax
+        loss_sum = hidden.new_zeros((), dtype=dtype)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if with_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=dtype) if with_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            y = labels[start:start + chunk]
+            valid = (y != ignore_index).unsqueeze(1)
+            target = y.unsqueeze(1).masked_fill(~valid, 0)
+            h = hidden[start:start + chunk] * valid  # an ignored token contributes no gradient
+            logits = (h @ weight.T).to(dtype)
+            target_logit = logits.gather(1, target)
+            correct += (target_logit >= logits.amax(-1, keepdim=True)).logical_and_(valid).sum()
+            log_probs = logits.log_softmax(-1)
+            del logits
+            loss_sum -= log_probs.gather(1, target).mul_(valid).sum()
+            if with_grad:  # d loss_sum / d logits = softmax - one_hot(target)
+                probs = log_probs.exp_().scatter_add_(1, target, torch.full_like(target_logit, -1.0))
+                grad_hidden[start:start + chunk] = (probs.to(weight.dtype) @ weight).mul_(valid)
+                grad_weight.addmm_(probs.T, h.to(dtype))
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(correct)
+        return loss_sum, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_correct):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         ignore_index: int = -100, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token loss and number of correct argmax predictions over the tokens not ignored.
+
+    `hidden` is [tokens, hidden], `weight` the LM head [vocab, hidden], `labels` [tokens] already
+    aligned with `hidden` (shifted). Divide the sum by the token count yourself (mean, or a
+    gradient-accumulation denominator).
+    """
+    if chunk is None:
+        chunk = max(128, CHUNK_BYTES // (4 * weight.shape[0]))
+    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk)
