@@ -4,8 +4,9 @@ One step is forward with labels, backward and an AdamW step on a batch of random
 variants run interleaved round by round in one process (rounds disturbed by other processes are
 redone) and each figure is the median step. Model FLOPs per step are 6*params*tokens plus
 attention, 12*layers*hidden*seq*tokens (params counts the tied embedding once, standing for the
-LM-head matmul); "of peak" divides the achieved FLOP/s by a large fp32 matmul measured in the
-same run, the practical peak of this machine.
+LM-head matmul); "of peak" divides the achieved FLOP/s by that of a 2048^3 fp32 matmul timed in
+the same interleaved rounds (so a noisy neighbour slows both alike), the practical peak of this
+machine.
 
     python bench/bench_train_step.py [--rounds 5] [--batch 16] [--seq 256]
 """
@@ -22,17 +23,10 @@ from bench_activations import time_interleaved
 AF_TYPES = ("gelu;att-linear", "spline;att-spline")
 
 
-def matmul_gflops(n: int = 2048, seconds: float = 2.0) -> float:
-    """fp32 GFLOP/s of an n x n matmul, best of a few timed batches."""
+def matmul(n: int = 2048) -> Callable[[], None]:
+    """One n x n fp32 matmul (2 n^3 FLOP), timed alongside the steps as the machine's practical peak."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    best = 0.0
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        start = time.perf_counter()
-        for _ in range(5):
-            torch.mm(a, b)
-        best = max(best, 5 * 2 * n**3 / (time.perf_counter() - start) / 1e9)
-    return best
+    return lambda: torch.mm(a, b)
 
 
 def make_step(config: afgpt.AfGPTConfig, batch: int, seq: int,
@@ -66,10 +60,8 @@ def main() -> None:
     args = parser.parse_args()
     torch._logging.set_logs(dynamo=logging.ERROR)  # the model's graph breaks are not news here
     torch.manual_seed(0)
-    peak = matmul_gflops()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"fp32 matmul 2048^3: {peak:.1f} GFLOP/s (taken as peak)")
-    steps, flops = {}, {}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    steps, flops = {"peak": matmul(2048)}, {"peak": 2 * 2048.0**3}
     for hidden in (128, 256):
         for af_type in AF_TYPES:
             config = afgpt.AfGPTConfig(vocab_size=8192, hidden_size=hidden, num_hidden_layers=4,
@@ -83,6 +75,8 @@ def main() -> None:
                 print(f"  built {name} in {time.perf_counter() - start:.1f} s", flush=True)
                 flops[name] = step_flops(config, args.batch, args.seq)
     times = time_interleaved(steps, args.rounds)
+    peak = flops["peak"] / times.pop("peak") / 1e9
+    print(f"fp32 matmul 2048^3: {peak:.1f} GFLOP/s (median of the same rounds; taken as peak)")
     tokens = args.batch * args.seq
     print(f"\nbatch {args.batch} x seq {args.seq}, 4 layers, 4 heads, vocab 8192")
     print(f"{'hidden':>6} {'activations':<18}{'mode':<8}{'step ms':>9}{'tokens/s':>10}"
