@@ -235,3 +235,17 @@ def test_rotary_rotates_each_half_pair_by_its_position_angle():
     torch.testing.assert_close(got, x * cos[:, None] + rotated * sin[:, None])
     g1, g2 = got.chunk(2, dim=-1)
     torch.testing.assert_close(g1 ** 2 + g2 ** 2, x1 ** 2 + x2 ** 2)  # a rotation of each (x1[i], x2[i]) pair
+
+
+def test_rotary_table_matches_computed_positions_also_after_from_pretrained(tmp_path):
+    model = perturb(AfGPTForCausalLM(tiny_config(max_position_embeddings=16))).eval()
+    x = tokens(seq=12)
+    explicit = model(x, position_ids=torch.arange(12)[None]).logits
+    torch.testing.assert_close(model(x).logits, explicit)  # a slice of the table
+    longer = tokens(seq=20)  # past the table: computed, and the same as explicit positions
+    torch.testing.assert_close(model(longer).logits, model(longer, position_ids=torch.arange(20)[None]).logits)
+    model.save_pretrained(tmp_path)
+    rotary = AfGPTForCausalLM.from_pretrained(tmp_path).model.rotary_emb
+    cos, sin_signed = rotary(torch.zeros(1), torch.arange(16)[None])
+    torch.testing.assert_close(rotary.cos_table, cos[0])
+    torch.testing.assert_close(rotary.sin_table, sin_signed[0])
