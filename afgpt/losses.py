@@ -17,12 +17,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index: int, chunk: int):
-        with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h, grad_w = ctx.needs_input_grad[:2]  # PEFT freezes the head; a frozen trunk needs no grad_hidden
         dtype = torch.promote_types(weight.dtype, torch.float32)  # bf16 weights or autocast: fp32 softmax
         loss_sum = hidden.new_zeros((), dtype=dtype)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if with_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=dtype) if with_grad else None
+        grad_hidden = torch.empty_like(hidden) if grad_h else None
+        grad_weight = torch.zeros_like(weight, dtype=dtype) if grad_w else None
         for start in range(0, hidden.shape[0], chunk):
             y = labels[start:start + chunk]
             valid = (y != ignore_index).unsqueeze(1)
@@ -34,9 +34,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             log_probs = logits.log_softmax(-1)
             del logits
             loss_sum -= log_probs.gather(1, target).mul_(valid).sum()
-            if with_grad:  # d loss_sum / d logits = softmax - one_hot(target)
+            if grad_h or grad_w:  # d loss_sum / d logits = softmax - one_hot(target)
                 probs = log_probs.exp_().scatter_add_(1, target, torch.full_like(target_logit, -1.0))
+            if grad_h:
                 grad_hidden[start:start + chunk] = (probs.to(weight.dtype) @ weight).mul_(valid)
+            if grad_w:
                 grad_weight.addmm_(probs.T, h.to(dtype))
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -46,7 +48,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_correct):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None
+        return (None if grad_hidden is None else grad_hidden * grad_loss,
+                None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -112,3 +112,17 @@ def test_fused_training_loss_compiles_with_fullgraph():
     torch.testing.assert_close(traced.loss, eager.loss)
     for got, want in zip(traced_grads, eager_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_a_frozen_input_gets_no_gradient_computed_and_the_other_is_unchanged(frozen):
+    h, w, y = problem(dtype=torch.float64)
+    expected = torch.autograd.grad(linear_cross_entropy(h, w, y, chunk=16)[0], (h, w))
+    (w if frozen == "weight" else h).requires_grad_(False)
+    trainable, index = (h, 0) if frozen == "weight" else (w, 1)
+    loss_sum, _ = linear_cross_entropy(h, w, y, chunk=16)
+    saved_hidden_grad, saved_weight_grad = loss_sum.grad_fn.saved_tensors
+    assert (saved_weight_grad if frozen == "weight" else saved_hidden_grad) is None  # never computed
+    loss_sum.backward()
+    assert (w if frozen == "weight" else h).grad is None
+    torch.testing.assert_close(trainable.grad, expected[index])
