@@ -399,6 +399,13 @@ class AfGPTModel(AfGPTPreTrainedModel):
         )
 
 
+@dataclass
+class AfGPTCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus `accuracy`, the next-token accuracy of a fused training loss."""
+
+    accuracy: torch.FloatTensor | None = None
+
+
 class AfGPTForCausalLM(AfGPTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -428,7 +435,7 @@ class AfGPTForCausalLM(AfGPTPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         skip_logits: bool | None = None,
         **kwargs,
-    ) -> "AfGPTCausalLMOutput":
+    ) -> AfGPTCausalLMOutput:
         """Labels follow transformers (the loss shifts them); pass `shift_labels` for pre-shifted targets.
 
         With labels in training mode the loss is fused with the LM head (`linear_cross_entropy`) and
@@ -476,13 +483,6 @@ class AfGPTForCausalLM(AfGPTPreTrainedModel, GenerationMixin):
             loss = loss_sum / (num_items_in_batch.to(hidden.device) if torch.is_tensor(num_items_in_batch)
                                else num_items_in_batch)
         return loss, correct / n_valid.clamp_min(1)
-
-
-@dataclass
-class AfGPTCausalLMOutput(CausalLMOutputWithPast):
-    """CausalLMOutputWithPast plus `accuracy`, the next-token accuracy of a fused training loss."""
-
-    accuracy: torch.FloatTensor | None = None
 
 
 class AfGPTForSequenceClassification(AfGPTPreTrainedModel):
