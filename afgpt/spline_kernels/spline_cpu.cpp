@@ -431,11 +431,13 @@ struct SharedGrad {
 // ---- per-channel splines ----
 // Tables are channel-major: the forward gathers (v[i], v[i+1]) of the values [C][K] as one
 // 64-bit element, the backward gathers slopes [C][K-1] (d/h), half the bytes of blocked (c, d)
-// tables. Each thread owns a channel range, swept by chunks of rows and, in a chunk, by channel
+// tables. A pair that straddles two cache lines costs a second line read, so the forward's copy
+// of the values is laid out with whole-line rows, shifted so that the middle interval (where
+// centred inputs such as pre-activations fall) sits mid-line. Each thread owns a channel range, swept by chunks of rows and, in a chunk, by channel
 // groups whose tables and float histograms stay in cache.
 constexpr int64_t kAhead = 4;                   // rows prefetched ahead
 constexpr int64_t kTableBytes = 128 * 1024;     // forward / grad_x: table bytes of a channel group
-constexpr int64_t kHistBytes = 64 * 1024;       // values gradient: float histogram bytes of a group
+constexpr int64_t kHistGroup = 64;              // values gradient: channels of a group (measured)
 constexpr int64_t kMinGroup = 64;               // channels: narrower groups read rows too sparsely
 constexpr int64_t kChunkRows = 256;             // rows summed in float before a double flush
 
@@ -470,13 +472,28 @@ inline int64_t group_of(int64_t bytes, int64_t bytes_per_channel) {
   return std::max<int64_t>(kMinGroup, bytes / bytes_per_channel / 8 * 8);
 }
 
+// The values [C][K] copied to rows of `stride` floats (whole 64-byte lines), each row starting
+// `lead` floats into its first line so that the middle pair (v[K/2-1], v[K/2]) is not split.
+struct LineTable {
+  int64_t stride;
+  std::vector<float> buf;
+  float* rows;
+  LineTable(const float* v, int64_t ch, int64_t k) : stride((k + 15) / 16 * 16), buf(ch * stride + 32) {
+    int64_t lead = ((7 - (k / 2 - 1)) % 16 + 16) % 16;
+    rows = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) / 64 * 64) + lead;
+    for (int64_t c = 0; c < ch; ++c) std::memcpy(rows + c * stride, v + c * k, k * sizeof(float));
+  }
+};
+
 template <typename T>
 void forward_channels(const T* x, T* y, int64_t rows, const Grid& grid, const float* v, int64_t ch,
                       int64_t k) {
   VGrid g(grid);
-  const double* pairs = reinterpret_cast<const double*>(v);  // (v[j], v[j+1]) at float offset j
-  const VI lane_k = _mm256_mullo_epi32(lanes(), _mm256_set1_epi32(int(k)));
-  int64_t group = group_of(kTableBytes, k * 4), chunk = rows;
+  LineTable tab(v, ch, k);
+  const int64_t stride = tab.stride;
+  const double* pairs = reinterpret_cast<const double*>(tab.rows);  // (v[j], v[j+1]) at float j
+  const VI lane_k = _mm256_mullo_epi32(lanes(), _mm256_set1_epi32(int(stride)));
+  int64_t group = group_of(kTableBytes, stride * 4), chunk = rows;
   channel_tiles(rows, ch, group, chunk, threads_for(rows * ch), true,
                 [&](int64_t rb, int64_t re, int64_t cb, int64_t ce) {
     for (int64_t r = rb; r < re; ++r) {
@@ -487,7 +504,7 @@ void forward_channels(const T* x, T* y, int64_t rows, const Grid& grid, const fl
       for (; c + 8 <= ce; c += 8) {
         V t = g.clamp(g.coord(vload(xr + c)));
         VI i = g.interval(t);
-        VI at = _mm256_add_epi32(_mm256_add_epi32(i, lane_k), _mm256_set1_epi32(int(c * k)));
+        VI at = _mm256_add_epi32(_mm256_add_epi32(i, lane_k), _mm256_set1_epi32(int(c * stride)));
         V lo = _mm256_castpd_ps(_mm256_i32gather_pd(pairs, _mm256_castsi256_si128(at), 4));
         V hi = _mm256_castpd_ps(_mm256_i32gather_pd(pairs, _mm256_extracti128_si256(at, 1), 4));
         V v0 = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));  // lanes (0 1 4 5 | 2 3 6 7)
@@ -520,7 +537,7 @@ void backward_channels(const T* x, const T* gy, T* gx, int64_t rows, const Grid&
   const float* ds = slopes.data();
   const VI lane_k = _mm256_mullo_epi32(lanes(), _mm256_set1_epi32(int(k)));
   const VI lane_k1 = _mm256_mullo_epi32(lanes(), _mm256_set1_epi32(int(k - 1)));
-  int64_t group = hist ? group_of(kHistBytes, k * 8) : group_of(kTableBytes, k * 4);
+  int64_t group = hist ? kHistGroup : group_of(kTableBytes, k * 4);
   int64_t chunk = hist ? kChunkRows : rows;
   channel_tiles(rows, ch, group, chunk, threads_for(rows * ch), !hist,
                 [&](int64_t rb, int64_t re, int64_t cb, int64_t ce) {
