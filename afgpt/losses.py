@@ -5,7 +5,9 @@ fp32, written, read back by log-softmax, written again as its gradient, and, bei
 allocator's mmap threshold, page-faulted in fresh every step. Here the logits of a few hundred
 tokens at a time are made, turned into the loss, the argmax and the gradient while they sit in
 cache, and dropped. Gradients are computed in the forward pass (no recomputation), so the backward
-only scales them; the matmul FLOPs are those of the plain path.
+only scales them; the matmul FLOPs are those of the plain path. Every chunk reuses the same two
+buffers: a fresh 16 MB tensor per chunk is page-faulted in anew, which slowed the logits matmul by
+a third.
 """
 import torch
 
@@ -19,6 +21,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, ignore_index: int, chunk: int):
         grad_h, grad_w = ctx.needs_input_grad[:2]  # PEFT freezes the head; a frozen trunk needs no grad_hidden
         dtype = torch.promote_types(weight.dtype, torch.float32)  # bf16 weights or autocast: fp32 softmax
+        device = hidden.device.type  # out= matmuls skip autocast, so apply its dtype here
+        mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        mm_weight = weight.to(mm_dtype)
+        rows = min(chunk, hidden.shape[0])
+        logits_buffer = hidden.new_empty((rows, weight.shape[0]), dtype=mm_dtype)
+        log_probs_buffer = hidden.new_empty((rows, weight.shape[0]), dtype=dtype)
         loss_sum = hidden.new_zeros((), dtype=dtype)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if grad_h else None
@@ -28,14 +36,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             valid = (y != ignore_index).unsqueeze(1)
             target = y.unsqueeze(1).masked_fill(~valid, 0)
             h = hidden[start:start + chunk] * valid  # an ignored token contributes no gradient
-            logits = (h @ weight.T).to(dtype)
+            logits = torch.mm(h.to(mm_dtype), mm_weight.T, out=logits_buffer[:len(y)])
             target_logit = logits.gather(1, target)
             correct += (target_logit >= logits.amax(-1, keepdim=True)).logical_and_(valid).sum()
-            log_probs = logits.log_softmax(-1)
-            del logits
+            log_probs = torch.log_softmax(logits, -1, dtype=dtype, out=log_probs_buffer[:len(y)])
             loss_sum -= log_probs.gather(1, target).mul_(valid).sum()
             if grad_h or grad_w:  # d loss_sum / d logits = softmax - one_hot(target)
-                probs = log_probs.exp_().scatter_add_(1, target, torch.full_like(target_logit, -1.0))
+                probs = log_probs.exp_().scatter_add_(1, target, torch.full_like(log_probs[:, :1], -1.0))
             if grad_h:
                 grad_hidden[start:start + chunk] = (probs.to(weight.dtype) @ weight).mul_(valid)
             if grad_w:

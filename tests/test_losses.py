@@ -53,6 +53,18 @@ def test_bf16_autocast_keeps_fp32_gradients_close_to_the_plain_path():
         torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
 
 
+def test_bf16_autocast_runs_the_logits_matmul_in_bf16():
+    """The chunk buffers are filled with out= matmuls, which autocast skips; the loss applies
+    autocast's dtype itself, so it matches the plain path's bf16 logits, not fp32 ones."""
+    h, w, y = problem(tokens=64, hidden=64, vocab=40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, _ = linear_cross_entropy(h, w, y, chunk=16)
+        plain = F.cross_entropy((h @ w.T).float(), y, reduction="sum")
+    full_precision = F.cross_entropy(h @ w.T, y, reduction="sum")
+    assert (full_precision - plain).abs() > 1e-4 * plain.abs()  # bf16 logits change the loss
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=0)
+
+
 def model_grads(model, **inputs):
     out = model(**inputs)
     grads = torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
