@@ -439,6 +439,21 @@ def save_bank(model: AfGPTForCausalLM, directory: Path, provenance: dict) -> Non
         bank.save(directory)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX-512 or AMX); True if unknown."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def warn_if_bf16_is_emulated(mixed_precision: str, device: torch.device) -> None:
+    """bf16 autocast on an AVX2-only CPU emulates its matmuls: an AfGPT step ran 18x slower than fp32."""
+    if mixed_precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        logger.warning("mixed_precision='bf16' on a CPU without native bf16 matmuls (no AVX-512/AMX): "
+                       "training will be many times slower than in fp32; use mixed_precision='no' here")
+
+
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Train AfGPT as `cfg` says; returns the final metrics. Multi-process under `accelerate launch`.
 
@@ -455,6 +470,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         write_text_atomically(out / "train_config.json", json.dumps(asdict(cfg), indent=2))
     logger.info(f"afgpt train: {accelerator.num_processes} process(es), device {accelerator.device}, "
                 f"mixed precision {cfg.mixed_precision}, output {out}")
+    warn_if_bf16_is_emulated(cfg.mixed_precision, accelerator.device)
 
     set_seed(cfg.seed)
     run_data = load_data(cfg, out, is_main, accelerator.wait_for_everyone)

@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 import os
 import subprocess
@@ -253,6 +254,19 @@ def test_bf16_accumulation_and_clipping_run(tmp_path, shared_data, monkeypatch):
     assert math.isfinite(final["val_loss"]) and seen["max_norm"] == 1.0
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
     assert model.model.activations.mlp[0].values.dtype == torch.float32
+    warned = "mixed_precision='no'" in (tmp_path / "run" / "train.log").read_text()
+    assert warned == (not training.cpu_has_native_bf16())  # this machine's CPU decides
+
+
+@pytest.mark.parametrize("native, precision, device, warned", [
+    (False, "bf16", "cpu", True), (True, "bf16", "cpu", False),
+    (False, "no", "cpu", False), (False, "bf16", "cuda", False)])
+def test_warns_when_bf16_matmuls_would_be_emulated(monkeypatch, caplog, native, precision, device, warned):
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(training.logger, "propagate", True)  # a run in this process turned it off
+    with caplog.at_level(logging.WARNING, logger="afgpt"):
+        training.warn_if_bf16_is_emulated(precision, torch.device(device))
+    assert ("mixed_precision='no'" in caplog.text) == warned
 
 
 class CaptureGrads(torch.optim.SGD):
