@@ -10,9 +10,9 @@
 // in registers and are read with permutes (gathers cost ~2 cycles per element on AMD Zen 4);
 // per-channel tables are read with gathers, tile by tile so that tables and histograms stay
 // in cache. AVX2 CPUs (e.g. Zen 3, where a gather costs ~3 cycles per element) gather (c, d)
-// pairs as one 64-bit element; per-channel they gather (v[i], v[i+1]) from the raw values and
-// slopes from a [C][K-1] table, sweeping channel groups and summing histograms of 256-row
-// chunks in float before adding them to double ones. Other CPUs run
+// pairs as one 64-bit element; per-channel they gather (v[i], v[i+1]) from a line-aligned copy of
+// the values and slopes from a [C][K-1] table, sweeping channel groups and summing histograms of
+// 256-row chunks in float before adding them to double ones. Other CPUs run
 // plain loops that the compiler vectorises as far as it can.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -456,8 +456,8 @@ struct SharedGrad {
 // 64-bit element, the backward gathers slopes [C][K-1] (d/h), half the bytes of blocked (c, d)
 // tables. A pair that straddles two cache lines costs a second line read, so the forward's copy
 // of the values is laid out with whole-line rows, shifted so that the middle interval (where
-// centred inputs such as pre-activations fall) sits mid-line. Each thread owns a channel range, swept by chunks of rows and, in a chunk, by channel
-// groups whose tables and float histograms stay in cache.
+// centred inputs such as pre-activations fall) sits mid-line. Work goes by tiles of rows x a
+// channel group whose tables (or float histograms) stay in cache; see channel_tiles.
 constexpr int64_t kAhead = 4;                   // rows prefetched ahead
 constexpr int64_t kTableBytes = 128 * 1024;     // forward / grad_x: table bytes of a channel group
 constexpr int64_t kHistGroup = 64;              // values gradient: channels of a group (measured)
@@ -635,7 +635,7 @@ void forward_shared_range(const T* x, T* y, int64_t len, const Grid& g, const Ta
 template <typename T>
 void grad_shared_range(const T* x, const T* gy, T* gx, int64_t len, const Grid& g,
                        const Tables& tab, double* hist) {
-  auto blocks = [&](const auto& span) {  // span(x, gy, gx, len, records) for a run of elements
+  auto blocks = [&](const auto& span) {  // span(x, gy, gx, len, records, hist): a run of elements
     if (!hist) return span.template operator()<false>(x, gy, gx, len, Records{}, nullptr);
     alignas(64) uint32_t cell[kBlock];
     alignas(64) float pair[2 * kBlock];
