@@ -44,7 +44,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_h or grad_w:  # d loss_sum / d logits = softmax - one_hot(target)
                 probs = log_probs.exp_().scatter_add_(1, target, torch.full_like(log_probs[:, :1], -1.0))
             if grad_h:
-                grad_hidden[start:start + chunk] = (probs.to(weight.dtype) @ weight).mul_(valid)
+                grad_hidden[start:start + chunk] = (probs.to(mm_dtype) @ mm_weight).mul_(valid)
             if grad_w:
                 grad_weight.addmm_(probs.T, h.to(dtype))
         ctx.weight_dtype = weight.dtype
