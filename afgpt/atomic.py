@@ -23,8 +23,15 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
     return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def restore_interrupted(target: Path, old: Path) -> None:
+    """A crash between replace_directory's two renames leaves the previous directory only at `old`: put it back."""
+    if old.exists() and not target.exists():
+        os.replace(old, target)
+
+
 def replace_directory(new: Path, target: Path, old: Path) -> None:
     """Put the finished directory `new` at `target`; the previous one waits at `old` until the new one is in place."""
+    restore_interrupted(target, old)  # before clearing `old`, which may hold the only complete copy
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         os.replace(target, old)

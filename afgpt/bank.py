@@ -22,7 +22,7 @@ from huggingface_hub import CommitInfo, create_repo, upload_folder
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import replace_directory, write_atomically, write_text_atomically
+from .atomic import replace_directory, restore_interrupted, write_atomically, write_text_atomically
 from .activations import Spline, is_learnable, parse_af_spec
 from .configuration_afgpt import AfGPTConfig
 from .modeling_afgpt import AfGPTActivations, activation_slot
@@ -84,8 +84,7 @@ class ActivationBank(nn.Module):
         `directory` holds either the old bank or the complete new one."""
         directory = Path(directory)
         old = directory.with_name(f".{directory.name}.old")
-        if old.exists() and not directory.exists():  # a crash between replace_directory's two renames
-            os.replace(old, directory)
+        restore_interrupted(directory, old)  # a crash between replace_directory's two renames
         tmp = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.tmp")
         tmp.mkdir(parents=True)
         try:

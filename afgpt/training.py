@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 
 from . import data as data_lib
-from .atomic import replace_directory, write_text_atomically
+from .atomic import replace_directory, restore_interrupted, write_text_atomically
 from .bank import ActivationBank
 from .configuration_afgpt import AfGPTConfig
 from .ensemble import Replica, average_shared_gradients, build_replicas, schedule_offsets, start_steps
@@ -258,6 +258,7 @@ def prepare_run_directory(cfg: TrainConfig, resume: bool, overwrite: bool) -> Pa
     out = Path(cfg.output_dir)
     if out.exists() and any(out.iterdir()):
         if resume:
+            restore_interrupted(out / "checkpoint", out / "checkpoint.old")  # killed mid save_checkpoint
             if not (out / "checkpoint").is_dir():
                 raise FileNotFoundError(f"--resume: no checkpoint in {out} (expected {out / 'checkpoint'})")
             return out

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -302,3 +303,35 @@ def test_plotting_level_sets_which_plots_a_run_draws(tmp_path, level, plots):
     run = tmp_path / "run"
     assert {p.name for p in (run / "plots").glob("*.png")} == plots
     assert [p.name for p in sorted((run / "activation_snapshots").iterdir())] == ["step-000002"]  # and 4: final
+
+
+def test_resume_finds_a_checkpoint_left_mid_swap(tmp_path):
+    # killed between save_checkpoint's two renames: the last good checkpoint sits at checkpoint.old
+    out = tmp_path / "run"
+    (out / "checkpoint.old").mkdir(parents=True)
+    (out / "checkpoint.old" / "state").write_text("step 10")
+    assert training.prepare_run_directory(TrainConfig(output_dir=str(out)), resume=True, overwrite=False) == out
+    assert (out / "checkpoint" / "state").read_text() == "step 10"
+    assert not (out / "checkpoint.old").exists()
+
+
+def test_replace_directory_keeps_the_only_complete_copy_when_interrupted_again(tmp_path, monkeypatch):
+    from afgpt import atomic
+    target, old, new = tmp_path / "checkpoint", tmp_path / "checkpoint.old", tmp_path / "checkpoint.tmp"
+    old.mkdir()
+    (old / "state").write_text("step 10")  # left by an earlier interrupted swap
+    new.mkdir()
+    (new / "state").write_text("step 15")
+    real_replace = os.replace
+
+    def fail_on_new(src, dst):
+        if Path(src) == new:
+            raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", fail_on_new)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.replace_directory(new, target, old)
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    atomic.restore_interrupted(target, old)
+    assert (target / "state").read_text() == "step 10"
