@@ -21,7 +21,7 @@ class AfGPTConfig(PreTrainedConfig):
     """
 
     model_type = "afgpt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
 
     vocab_size: int = 50304
     hidden_size: int = 256

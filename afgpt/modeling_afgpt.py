@@ -22,6 +22,11 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
 from .activations import SplineGrid, build_activation, parse_af_spec
 from .configuration_afgpt import AfGPTConfig
@@ -59,6 +64,10 @@ class AfGPTRotaryEmbedding(nn.Module):
     """Rotary position embedding for given positions: (cos, sin with its first half negated), the form
     `rotate` takes, computed once per forward for all layers.
 
+    Angles are always computed in fp32 and cast once to the activations' dtype, so a model cast to bf16
+    gets the same rotation from explicit positions as from the table (no inverse frequencies are stored:
+    a bf16 copy of them would be off by 0.15 in cos at position 1000).
+
     Positions 0 .. max_position_embeddings - 1 are also kept as a table: consecutive positions (training,
     generation) are a slice of it. Besides saving the trigonometry, this keeps torch.compile from
     recomputing cos and sin inside every kernel that uses them, forward and backward (4% of a step).
@@ -69,13 +78,13 @@ class AfGPTRotaryEmbedding(nn.Module):
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.base = config.rope_theta
         self.max_positions = config.max_position_embeddings
-        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
         cos, sin_signed = self.compute_table()
         self.register_buffer("cos_table", cos, persistent=False)
         self.register_buffer("sin_table", sin_signed, persistent=False)
 
-    def compute_inv_freq(self) -> torch.Tensor:
-        return 1.0 / self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+    def compute_inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / self.base ** exponents
 
     def compute_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos_sin(torch.arange(self.max_positions, dtype=torch.float32), self.compute_inv_freq())
@@ -88,7 +97,7 @@ class AfGPTRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin_signed = self.cos_sin(position_ids.float(), self.inv_freq.to(x.device))
+        cos, sin_signed = self.cos_sin(position_ids.float(), self.compute_inv_freq(x.device))
         return cos.to(x.dtype), sin_signed.to(x.dtype)
 
     @torch.no_grad()
@@ -169,9 +178,10 @@ class AfGPTAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         activation: nn.Module | None,
         value_first: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(output, attention weights or None, the first layer's values for the value residual)."""
         x = hidden_states
         if self.pre_activation is not None:
             x = x + activation(self.pre_activation(x))
@@ -187,14 +197,14 @@ class AfGPTAttention(nn.Module):
         if value_first is None:
             value_first = v
         v = torch.lerp(v, value_first, self.value_lambda.to(v.dtype))
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
 
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward)
         output, weights = attention(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs)
         output = self.o_proj(output.reshape(batch, seq, -1))
-        return output, value_first, weights
+        return output, weights, value_first
 
 
 class AfGPTMLP(nn.Module):
@@ -230,14 +240,15 @@ class AfGPTBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None,
         mlp_activation: nn.Module,
         att_activation: nn.Module | None,
-        past_key_values: Cache | None = None,
-        **kwargs,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, the first layer's values); the output is what `output_hidden_states` records."""
         lambdas = self.block_lambdas.to(hidden_states.dtype)
         x = torch.addcmul(hidden_states * lambdas[0], x0, lambdas[1])  # lambdas[0] * h + lambdas[1] * x0
-        attn_out, value_first, _ = self.attn(
+        attn_out, _, value_first = self.attn(
             self.attn_norm(x), position_embeddings, attention_mask, att_activation,
-            value_first=value_first, past_key_values=past_key_values, **kwargs)
+            value_first=value_first, cache=cache, **kwargs)
         x = x + attn_out
         x = x + self.mlp(self.mlp_norm(x), mlp_activation)
         return x, value_first
@@ -249,11 +260,11 @@ class AfGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["AfGPTBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    _can_record_outputs = {"hidden_states": AfGPTBlock, "attentions": AfGPTAttention}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -271,7 +282,6 @@ class AfGPTPreTrainedModel(PreTrainedModel):
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, AfGPTRotaryEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq())
             cos, sin_signed = module.compute_table()
             init.copy_(module.cos_table, cos)
             init.copy_(module.sin_table, sin_signed)
@@ -320,14 +330,13 @@ class AfGPTModel(AfGPTPreTrainedModel):
         att = self.activations.att[slot] if self.activations.att is not None else None
         return self.activations.mlp[slot], att
 
-    def _attention_mask(self, input_ids, inputs_embeds, attention_mask, past_key_values, position_ids):
-        """Causal mask, restricted to the sliding window and (without a cache) to each document."""
+    def _attention_mask(self, input_ids, inputs_embeds, attention_mask, cache, position_ids):
+        """Causal mask, restricted to the sliding window and to each document."""
         overlays = []
         if self.config.context_size is not None:
             overlays.append(sliding_window_overlay(self.config.context_size))
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if self.config.doc_separator_token_id is not None and input_ids is not None and past == 0:
-            doc_ids = (input_ids == self.config.doc_separator_token_id).cumsum(-1)
+        if self.config.doc_separator_token_id is not None:
+            doc_ids = document_ids(input_ids, inputs_embeds, cache, self.config.doc_separator_token_id)
 
             def same_document(batch_idx, head_idx, q_idx, kv_idx):
                 return doc_ids[batch_idx, q_idx] == doc_ids[batch_idx, kv_idx]
@@ -337,22 +346,25 @@ class AfGPTModel(AfGPTPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             position_ids=position_ids,
             and_mask_function=and_masks(*overlays) if overlays else None,
         )
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
+        check_kwargs(kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if (input_ids is not None and input_ids.numel() and not torch.compiler.is_compiling()
@@ -362,41 +374,71 @@ class AfGPTModel(AfGPTPreTrainedModel):
                 "the tokenizer does not match this model")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if not use_cache:
+            cache = None
+        past = cache.get_seq_length() if cache is not None else 0
         consecutive = position_ids is None
         if consecutive:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
-        mask = self._attention_mask(input_ids, inputs_embeds, attention_mask, past_key_values, position_ids)
+        mask = self._attention_mask(input_ids, inputs_embeds, attention_mask, cache, position_ids)
 
         x = x0 = self.embed_norm(inputs_embeds)
         if consecutive:
             position_embeddings = self.rotary_emb.consecutive(x, past, inputs_embeds.shape[1])
         else:
             position_embeddings = self.rotary_emb(x, position_ids)
-        value_first, skips, hidden_states = None, [], []
+        value_first, skips = None, []
         for i, layer in enumerate(self.layers):
             if i >= self.num_encoder_layers:
                 x = torch.addcmul(x, skips.pop(), self.skip_weights[i - self.num_encoder_layers].to(x.dtype))
-            if output_hidden_states:
-                hidden_states.append(x)
             mlp_act, att_act = self.layer_activations(i)
-            x, value_first = layer(
-                x, x0, value_first, position_embeddings, mask, mlp_act, att_act,
-                past_key_values=past_key_values if use_cache else None, **kwargs)
+            x, value_first = layer(x, x0, value_first, position_embeddings, mask, mlp_act, att_act, cache=cache, **kwargs)
             if i < self.num_encoder_layers:
                 skips.append(x)
-        if output_hidden_states:
-            hidden_states.append(x)
-        return BaseModelOutputWithPast(
-            last_hidden_state=x,
-            past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
-        )
+        return BaseModelOutputWithPast(last_hidden_state=x, cache=cache)
+
+
+DOCUMENT_IDS = "afgpt_document_ids"  # the cache attribute holding the document index of every cached token
+
+
+def document_ids(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, cache: Cache | None,
+                 separator: int) -> torch.Tensor:
+    """The document index of every position seen so far, cached tokens first: [batch, past + new].
+
+    A separator token starts a new document. A cache does not keep token ids, so the indices of the tokens it
+    holds are kept on the cache itself (and cropped with it), which keeps document masking exact when a
+    sequence is fed in pieces or generated. Embeddings without ids stay in the current document.
+    """
+    past = cache.get_seq_length() if cache is not None else 0
+    batch, length = inputs_embeds.shape[:2]
+    previous = getattr(cache, DOCUMENT_IDS, None) if past else None
+    if past and (previous is None or previous.shape[1] < past or previous.shape[0] != batch):
+        raise ValueError(
+            f"this cache holds {past} tokens that AfGPT did not see with doc_separator_token_id set (or for another "
+            "batch): feed the whole prefix through this model with use_cache=True to build the cache")
+    previous = previous[:, :past] if past else torch.zeros(batch, 0, dtype=torch.long, device=inputs_embeds.device)
+    last = previous[:, -1:] if past else torch.zeros(batch, 1, dtype=torch.long, device=inputs_embeds.device)
+    if input_ids is None:
+        new = last.expand(batch, length)
+    else:
+        new = last + (input_ids == separator).cumsum(-1)
+    ids = torch.cat((previous, new), dim=1)
+    if cache is not None:
+        setattr(cache, DOCUMENT_IDS, ids)
+    return ids
+
+
+# Loss and output keywords a forward takes besides TransformersKwargs; anything else is a mistake worth naming.
+EXTRA_KWARGS = frozenset({"shift_labels", "ignore_index", "return_dict"})
+
+
+def check_kwargs(kwargs: dict) -> None:
+    """Reject keyword arguments no AfGPT forward uses, instead of passing them on silently."""
+    unknown = set(kwargs) - set(TransformersKwargs.__annotations__) - EXTRA_KWARGS
+    if unknown:
+        raise TypeError(f"AfGPT forward got unexpected keyword argument(s) {sorted(unknown)}")
 
 
 @dataclass
@@ -423,18 +465,20 @@ class AfGPTForCausalLM(AfGPTPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         skip_logits: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> AfGPTCausalLMOutput:
         """Labels follow transformers (the loss shifts them); pass `shift_labels` for pre-shifted targets.
 
@@ -445,7 +489,7 @@ class AfGPTForCausalLM(AfGPTPreTrainedModel, GenerationMixin):
         """
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+            cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = outputs.last_hidden_state
         has_labels = labels is not None or kwargs.get("shift_labels") is not None
         fusable = has_labels and type(self.lm_head) is nn.Linear
@@ -464,8 +508,17 @@ class AfGPTForCausalLM(AfGPTPreTrainedModel, GenerationMixin):
                 if kwargs.get("shift_labels") is not None:
                     kwargs["shift_labels"] = kwargs["shift_labels"].contiguous()  # the loss views it flat
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return AfGPTCausalLMOutput(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                   hidden_states=outputs.hidden_states, accuracy=accuracy)
+        return AfGPTCausalLMOutput(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+                                   attentions=outputs.attentions, accuracy=accuracy)
+
+    @staticmethod
+    def _reorder_cache(cache: Cache, beam_idx: torch.LongTensor) -> Cache:
+        """Beam search: reorder the cache and the document indices AfGPT keeps on it."""
+        cache.reorder_cache(beam_idx)
+        ids = getattr(cache, DOCUMENT_IDS, None)
+        if ids is not None:
+            setattr(cache, DOCUMENT_IDS, ids.index_select(0, beam_idx.to(ids.device)))
+        return cache
 
     def _fused_loss(self, hidden: torch.Tensor, labels: torch.Tensor | None, shift_labels: torch.Tensor | None = None,
                     num_items_in_batch: torch.Tensor | int | None = None, ignore_index: int = -100,
@@ -495,20 +548,22 @@ class AfGPTForSequenceClassification(AfGPTPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutputWithPast:
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+            cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         logits = self.score(outputs.last_hidden_state)
         batch = logits.shape[0]
         last = self._last_token(input_ids, batch)
@@ -516,8 +571,8 @@ class AfGPTForSequenceClassification(AfGPTPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
-        return SequenceClassifierOutputWithPast(
-            loss=loss, logits=pooled, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states)
+        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, cache=outputs.cache,
+                                                hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
     def _last_token(self, input_ids: torch.Tensor | None, batch: int) -> torch.Tensor | int:
         pad = self.config.pad_token_id
