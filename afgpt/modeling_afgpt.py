@@ -489,7 +489,7 @@ class AfGPTForCausalLM(AfGPTPreTrainedModel, GenerationMixin):
         """
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+            cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)
         hidden = outputs.last_hidden_state
         has_labels = labels is not None or kwargs.get("shift_labels") is not None
         fusable = has_labels and type(self.lm_head) is nn.Linear
@@ -563,7 +563,7 @@ class AfGPTForSequenceClassification(AfGPTPreTrainedModel):
     ) -> SequenceClassifierOutputWithPast:
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+            cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)
         logits = self.score(outputs.last_hidden_state)
         batch = logits.shape[0]
         last = self._last_token(input_ids, batch)

@@ -21,10 +21,12 @@ def test_auto_classes_know_afgpt():
 
 
 def test_saved_folder_loads_as_remote_code_without_afgpt(tmp_path):
-    model = perturb(afgpt.AfGPTForCausalLM(tiny_config(af_type="spline;att-rational", af_layer_specific=0)))
+    model = perturb(afgpt.AfGPTForCausalLM(tiny_config(af_type="spline;att-rational", af_layer_specific=0,
+                                                       doc_separator_token_id=5, context_size=6)), scale=0.1)
     model.save_pretrained(tmp_path / "model")
     x = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
-    torch.save({"x": x, "logits": model.eval()(x).logits}, tmp_path / "expected.pt")
+    generated = model.eval().generate(x[:1], max_new_tokens=10, do_sample=False, pad_token_id=0)
+    torch.save({"x": x, "logits": model(x).logits, "generated": generated}, tmp_path / "expected.pt")
     script = textwrap.dedent(f"""
         import sys
         sys.path = [p for p in sys.path if p not in ("", {str(tmp_path)!r})]
@@ -36,6 +38,14 @@ def test_saved_folder_loads_as_remote_code_without_afgpt(tmp_path):
         expected = torch.load({str(tmp_path / "expected.pt")!r})
         # same logits; the portable spline path may round differently from afgpt's compiled kernel
         torch.testing.assert_close(model(expected["x"]).logits, expected["logits"], atol=1e-5, rtol=1e-5)
+        # cached generation on this transformers, without a deprecation warning from the model's code
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+            cached = model.generate(expected["x"][:1], use_cache=True, **kwargs)
+        assert torch.equal(cached, model.generate(expected["x"][:1], use_cache=False, **kwargs))
+        assert torch.equal(cached, expected["generated"]), (cached, expected["generated"])
         print("REMOTE-OK", type(model).__module__)
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,

@@ -230,3 +230,53 @@ def test_rotary_table_matches_computed_positions_also_after_from_pretrained(tmp_
     cos, sin_signed = rotary(torch.zeros(1), torch.arange(16)[None])
     torch.testing.assert_close(rotary.cos_table, cos[0])
     torch.testing.assert_close(rotary.sin_table, sin_signed[0])
+
+
+def test_position_ids_path_equals_the_table_in_bf16():
+    """After model.to(bf16) explicit positions must rotate as the table does (a bf16 inv_freq was 0.15 off in cos)."""
+    rotary = AfGPTForCausalLM(tiny_config(max_position_embeddings=2048)).to(torch.bfloat16).model.rotary_emb
+    x = torch.zeros(1, dtype=torch.bfloat16)
+    positions = torch.arange(990, 1010)
+    cos, sin = rotary(x, positions[None])
+    table_cos, table_sin = rotary.consecutive(x, 990, 20)
+    assert torch.equal(cos, table_cos) and torch.equal(sin, table_sin)
+    exact = positions[:, None].double() * (1.0 / 10000.0 ** (torch.arange(0, 16, 2).double() / 16))
+    torch.testing.assert_close(cos[0, :, :8].double(), exact.cos(), atol=2 ** -8, rtol=0)
+
+
+def test_output_attentions_and_hidden_states(tmp_path):
+    config = tiny_config(num_hidden_layers=3)
+    config._attn_implementation = "eager"
+    model = perturb(AfGPTForCausalLM(config)).eval()
+    x = tokens(seq=7)
+    out = model(x, output_attentions=True, output_hidden_states=True)
+    assert len(out.attentions) == 3 and out.attentions[0].shape == (2, 2, 7, 7)
+    torch.testing.assert_close(out.attentions[1].sum(-1), torch.ones(2, 2, 7))
+    assert torch.all(out.attentions[0].triu(1) == 0)  # causal
+    assert len(out.hidden_states) == 4 and out.hidden_states[0].shape == (2, 7, 32)
+    assert out.hidden_states[-1] is not None
+    # the flags also come from the config, as in every transformers model
+    model.config.output_hidden_states = True
+    assert len(model(x).hidden_states) == 4
+    generated = model.generate(x[:1], max_new_tokens=3, do_sample=False, pad_token_id=0, output_attentions=True,
+                               return_dict_in_generate=True)
+    assert len(generated.attentions) == 3 and len(generated.attentions[0]) == 3
+
+
+def test_return_dict_false_gives_tuples():
+    model = perturb(AfGPTForCausalLM(tiny_config())).eval()
+    x = tokens()
+    as_dict = model(x, labels=x)
+    loss, logits = model(x, labels=x, return_dict=False)[:2]
+    assert torch.equal(loss, as_dict.loss) and torch.equal(logits, as_dict.logits)
+    assert isinstance(model.model(x, return_dict=False), tuple)
+    model.config.return_dict = False
+    assert isinstance(model(x), tuple)
+    classifier = AfGPTForSequenceClassification(tiny_config(pad_token_id=0))
+    assert isinstance(classifier(x, return_dict=False), tuple)
+
+
+def test_unknown_forward_keywords_are_rejected():
+    model = AfGPTForCausalLM(tiny_config())
+    with pytest.raises(TypeError, match="output_attention"):
+        model(tokens(), output_attention=True)  # a typo must not pass silently

@@ -119,10 +119,31 @@ def assert_kernel_matches_fallback(x, values, grad, dtype) -> None:
         y = fn(x, values, LO, HI)
         outs.append((y, *torch.autograd.grad(y, [x, values], grad)))
     (y1, gx1, gv1), (y2, gx2, gv2) = outs
-    tol = 1e-5 if dtype == torch.float32 else 2**-8
-    torch.testing.assert_close(y1, y2, rtol=tol, atol=tol)
-    torch.testing.assert_close(gx1, gx2, rtol=tol, atol=1e-6)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-6)
+    else:  # two fp32 results that differ in the last bits may round to neighbouring bf16 values
+        assert_within_one_bf16_ulp(y1, y2, atol=2**-8)
+        torch.testing.assert_close(gx1, gx2, rtol=2**-8, atol=1e-6)
     assert rel_err(gv1, gv2) <= 1e-4
+
+
+def assert_within_one_bf16_ulp(a: torch.Tensor, b: torch.Tensor, atol: float = 0.0) -> None:
+    """Every element of a and b differs by at most one bf16 unit in the last place of the larger one (plus atol,
+    for values near zero whose fp32 rounding error is absolute)."""
+    scale = torch.maximum(a.abs(), b.abs()).double().clamp_min(2.0 ** -126)
+    ulp = torch.exp2(torch.floor(torch.log2(scale)) - 7)  # bf16 keeps 7 explicit mantissa bits
+    diff = (a.double() - b.double()).abs()
+    worst = ((diff - atol).clamp_min(0) / ulp).max().item()
+    assert worst <= 1, f"differ by {worst:.2f} bf16 ulps (at most 1 allowed)"
+
+
+def test_one_ulp_check_allows_one_bf16_step_and_no_more():
+    x = torch.tensor([2.4, -0.3, 1e-3], dtype=torch.bfloat16)
+    next_up = torch.nextafter(x, torch.full_like(x, 10.0))
+    assert_within_one_bf16_ulp(x, next_up)
+    with pytest.raises(AssertionError, match="bf16 ulps"):
+        assert_within_one_bf16_ulp(x, torch.nextafter(next_up, torch.full_like(x, 10.0)))
 
 
 @needs_kernel
