@@ -5,9 +5,9 @@ from .activations import ACTIVATION_NAMES, AfSpec, build_activation, parse_af_sp
 from .configuration_afgpt import AfGPTConfig
 from .modeling_afgpt import AfGPTForCausalLM, AfGPTForSequenceClassification, AfGPTModel
 from .bank import ActivationBank
-from .hub import HubError, load_activations, push_run
 
 __version__ = "0.1.0"
+_HUB_NAMES = ("HubError", "load_activations", "push_run")  # from .hub, imported on first use (huggingface_hub)
 
 AutoConfig.register("afgpt", AfGPTConfig, exist_ok=True)
 AutoModel.register(AfGPTConfig, AfGPTModel, exist_ok=True)
@@ -24,3 +24,17 @@ __all__ = [
     "ACTIVATION_NAMES", "ActivationBank", "AfSpec", "AfGPTConfig", "AfGPTModel", "AfGPTForCausalLM",
     "AfGPTForSequenceClassification", "HubError", "build_activation", "load_activations", "parse_af_spec", "push_run",
 ]
+
+
+def __getattr__(name: str):
+    """The Hub names, imported when first asked for (PEP 562), so `import afgpt` stays light."""
+    if name not in _HUB_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import hub
+
+    value = globals()[name] = getattr(hub, name)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HUB_NAMES})

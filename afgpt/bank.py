@@ -16,9 +16,9 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from huggingface_hub import CommitInfo, create_repo, upload_folder
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -26,7 +26,9 @@ from .atomic import replace_directory, restore_interrupted, write_atomically, wr
 from .activations import Spline, is_learnable, parse_af_spec
 from .configuration_afgpt import AfGPTConfig
 from .modeling_afgpt import AfGPTActivations, activation_slot
-from .plotting import plot_activations
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
 
 FORMAT = "afgpt-activations"
 VERSION = 1
@@ -181,8 +183,10 @@ class ActivationBank(nn.Module):
         return write_atomically(path, save)
 
     def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = False,
-                    commit_message: str = "Upload learned activation functions") -> CommitInfo:
+                    commit_message: str = "Upload learned activation functions") -> "CommitInfo":
         """Save the bank into a temporary folder and upload it as a Hub model repo (created if needed)."""
+        from huggingface_hub import create_repo, upload_folder  # here: huggingface_hub loads when the Hub is used
+
         with tempfile.TemporaryDirectory() as tmp:
             folder = self.save(Path(tmp) / "activations")
             repo = create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
@@ -262,7 +266,11 @@ def grids_match(grid, config) -> bool:
     return grid.n_anchors == config.af_n_anchors and math.isclose(grid.af_range, config.af_range, rel_tol=1e-6)
 
 
-def layer_span(layers: list[int]) -> str:
+def layer_span(slot: int, config) -> str:
+    """The layers that use activation slot `slot` under `config`'s sharing (they are contiguous), e.g.
+    "layer 0" or "layers 1–2": one wording for plot titles and mismatch messages."""
+    n = config.num_hidden_layers
+    layers = [i for i in range(n) if activation_slot(i, n, config.af_layer_specific) == slot]
     return f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}–{layers[-1]}"
 
 
@@ -286,13 +294,11 @@ def structure_mismatches(bank, config) -> list[str]:
                 f"(af_layer_specific={bank.af_layer_specific}: {SHARING[bank.af_layer_specific]}) but the model has "
                 f"{config.num_hidden_layers}; only a layer-shared bank (af_layer_specific=0) fits any depth, so build "
                 f"the model with num_hidden_layers={bank.num_hidden_layers}"]
-    n = config.num_hidden_layers
     problems = []
     for slot, sources in enumerate(bank_slots(bank, config)):
         if len(sources) > 1:
-            layers = [i for i in range(n) if activation_slot(i, n, config.af_layer_specific) == slot]
             problems.append(
-                f"sharing: the model shares one activation across {layer_span(layers)} "
+                f"sharing: the model shares one activation across {layer_span(slot, config)} "
                 f"(af_layer_specific={config.af_layer_specific}) but the bank holds {len(sources)} different ones "
                 f"for them; build the model with af_layer_specific={bank.af_layer_specific}")
     return problems
@@ -326,6 +332,14 @@ def read_activations(path: str | os.PathLike, **hints) -> ActivationBank:
         raise ValueError(f"{path}: unknown activation file type {path.suffix!r}: pass a bank directory, or an "
                          "lm-afs ptAf-*.csv / ptAf-*.pt file")
     return bank
+
+
+def plot_activations(source: nn.Module, path: str | os.PathLike, title: str | None = None) -> None:
+    """plotting.plot_activations, imported on the first plot: plotting sits above the bank in the import order,
+    and matplotlib loads only when a plot is drawn."""
+    from .plotting import plot_activations as plot
+
+    plot(source, path, title)
 
 
 def plot_activation_file(source: str | os.PathLike | ActivationBank, out_path: str | os.PathLike, **hints) -> Path:

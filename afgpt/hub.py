@@ -12,17 +12,16 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import (
-    HFValidationError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import validate_repo_id
 from transformers import AutoTokenizer
 
 from .bank import ActivationBank, read_activations
 from .modeling_afgpt import AfGPTForCausalLM
+from .paths import looks_like_path
 
 try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
     from httpx2 import TransportError
@@ -32,7 +31,7 @@ except ImportError:
 # What read_activations needs: a bank at the repo root (as push_to_hub writes it) or in a pushed run's activations/.
 BANK_FILES = ["af_config.json", "activations.safetensors", "activations/af_config.json",
               "activations/activations.safetensors"]
-FILE_SUFFIXES = {".pt", ".csv", ".safetensors", ".json"}  # names with these are files, never repo ids
+FILE_SUFFIXES = (".pt", ".csv", ".safetensors", ".json")  # names with these are files, never repo ids
 
 
 class HubError(OSError):
@@ -51,7 +50,7 @@ def load_activations(path_or_repo_id: str | os.PathLike, revision: str | None = 
             raise ValueError(f"revision={revision!r} applies to Hub repos, but {str(path)!r} is a local path: "
                              "drop revision, or rename the local path if you meant the Hub repo")
         return read_activations(path, **hints)
-    if not isinstance(path_or_repo_id, str) or looks_like_path(path_or_repo_id):
+    if not isinstance(path_or_repo_id, str) or looks_like_path(path_or_repo_id, FILE_SUFFIXES):
         raise FileNotFoundError(f"no such file or directory: {str(path_or_repo_id)!r} (and it is not a Hub repo id "
                                 "of the form 'owner/name'); check the path")
     with hub_errors("download activations from", path_or_repo_id, revision):
@@ -61,17 +60,6 @@ def load_activations(path_or_repo_id: str | os.PathLike, revision: str | None = 
                        "and activations.safetensors): it may hold a model only; push the run's activations with "
                        "`afgpt push RUN_DIR REPO_ID`, or load the model with from_pretrained")
     return read_activations(folder, **hints)
-
-
-def looks_like_path(name: str) -> bool:
-    """True when `name` cannot be a repo id, so a missing local file must not send it to the Hub."""
-    if Path(name).suffix in FILE_SUFFIXES:
-        return True
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return True
-    return False
 
 
 def push_run(run_dir: str | os.PathLike, repo_id: str, token: str | bool | None = None, private: bool = False,

@@ -20,7 +20,8 @@ from torch import nn
 
 from .activations import Spline
 from .atomic import write_atomically
-from .modeling_afgpt import AfGPTActivations, activation_slot
+from .bank import layer_span
+from .modeling_afgpt import AfGPTActivations
 
 DPI = 150
 FIXED_X_RANGE = 5.0  # non-spline activations are drawn on [-5, 5]
@@ -147,12 +148,7 @@ def resolve_activations(source: nn.Module) -> tuple[AfGPTActivations, object | N
 
 def slot_title(slot: int, config) -> str:
     """Which layers use `slot` (they are contiguous), or just the slot number without a config."""
-    if config is None:
-        return f"slot {slot}"
-    n = config.num_hidden_layers
-    layers = [i for i in range(n) if activation_slot(i, n, config.af_layer_specific) == slot]
-    where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}–{layers[-1]}"
-    return f"slot {slot}: {where}"
+    return f"slot {slot}" if config is None else f"slot {slot}: {layer_span(slot, config)}"
 
 
 def draw_activation(ax: Axes, module: nn.Module) -> None:

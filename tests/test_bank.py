@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -147,8 +148,8 @@ def test_push_to_hub_saves_creates_and_uploads(monkeypatch):
         calls["files"] = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
         return "commit-info"
 
-    monkeypatch.setattr(bank_lib, "create_repo", create_repo)
-    monkeypatch.setattr(bank_lib, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)  # push_to_hub imports them when called
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
     result = bank_of("spline;att-none").push_to_hub("afs", token="t", private=True, commit_message="stage I")
     assert result == "commit-info"
     assert calls["create"] == ("afs", dict(token="t", private=True, exist_ok=True, repo_type="model"))
@@ -543,6 +544,15 @@ def test_plot_activation_file(tmp_path):
     assert fig.get_suptitle() == "spline;att-spline: first and last layers own theirs, the middle layers share one"
     anchors = np.asarray(fig.axes[0].get_lines()[-1].get_xdata())
     np.testing.assert_allclose(anchors, np.linspace(-3, 3, 16), rtol=1e-6)
+
+
+def test_layer_span_is_one_wording_for_plot_titles_and_mismatch_messages():
+    config = tiny_config(af_layer_specific=2)  # 4 layers: first and last own theirs, layers 1-2 share slot 1
+    assert [bank_lib.layer_span(slot, config) for slot in range(3)] == ["layer 0", "layers 1–2", "layer 3"]
+    assert bank_lib.layer_span(0, tiny_config(af_layer_specific=0)) == "layers 0–3"
+    assert [plotting.slot_title(slot, config) for slot in range(3)] == [
+        f"slot {slot}: {bank_lib.layer_span(slot, config)}" for slot in range(3)]
+    assert plotting.slot_title(1, None) == "slot 1"
 
 
 def test_afgpt_plot_command(tmp_path, capsys):

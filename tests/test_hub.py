@@ -169,6 +169,21 @@ def test_missing_repo_revision_and_paths(hub, tmp_path):
     assert hub.requests == []  # a path never goes to the Hub
 
 
+@pytest.mark.parametrize("name, bank, corpus", [
+    ("./missing", True, True), ("/abs/bank", True, True), ("~/bank", True, True), ("a/b/c", True, True),
+    ("foo..bar", True, True), ("name.git", True, True), ("x" * 97, True, True), ("builtin:other", True, True),
+    ("ptAf-spline.pt", True, False), ("runs/ptAf-r-step5.csv", True, False), ("bank.safetensors", True, False),
+    ("records.json", True, True), ("corpus.txt", False, True), ("user/corpus.jsonl.gz", False, True),
+    ("user/bank", False, False), ("gpt2", False, False), ("someone/some-corpus", False, False),
+])
+def test_paths_and_hub_ids_are_told_apart_by_one_rule(name, bank, corpus):
+    """A missing name is a missing file, not a Hub lookup, when it is written like a path, names a file type,
+    or cannot be a repo id: afgpt.paths decides for both activation banks (hub) and corpora (data)."""
+    from afgpt import data, hub, paths
+    assert paths.looks_like_path(name, hub.FILE_SUFFIXES) is bank
+    assert data._looks_like_path(name) is corpus
+
+
 def test_local_bank_directory_loads_without_the_hub(hub, tmp_path):
     bank = ActivationBank.from_model(perturb(afgpt.AfGPTForCausalLM(tiny_config(af_type="spline;att-spline"))))
     bank.save(tmp_path / "bank")
