@@ -10,7 +10,6 @@ import threading
 from pathlib import Path
 
 import torch
-from torch.utils import cpp_extension
 
 _SOURCE = Path(__file__).with_name("spline_cpu.cpp")
 _ARCH_FLAGS = {
@@ -34,6 +33,8 @@ def load() -> bool:
     with _lock:
         if "ok" not in _status:
             try:
+                from torch.utils import cpp_extension  # setuptools and friends: only when the kernel is built
+
                 name, flags = _build_flags()
                 build_dir = cpp_extension._get_build_directory(name, verbose=False)
                 if not (Path(build_dir) / f"{name}.so").exists():
