@@ -14,7 +14,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import and_masks, create_causal_mask, sliding_window_overlay
+from transformers.masking_utils import and_masks, create_causal_mask, create_masks_for_generate, sliding_window_overlay
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -337,9 +337,10 @@ class AfGPTModel(AfGPTPreTrainedModel):
             overlays.append(sliding_window_overlay(self.config.context_size))
         if self.config.doc_separator_token_id is not None:
             doc_ids = document_ids(input_ids, inputs_embeds, cache, self.config.doc_separator_token_id)
+            last = doc_ids.shape[1] - 1  # a static cache asks about slots not filled yet: the causal mask hides them
 
             def same_document(batch_idx, head_idx, q_idx, kv_idx):
-                return doc_ids[batch_idx, q_idx] == doc_ids[batch_idx, kv_idx]
+                return doc_ids[batch_idx, q_idx] == doc_ids[batch_idx, kv_idx.clamp(max=last)]
 
             overlays.append(same_document)
         return create_causal_mask(
@@ -510,6 +511,14 @@ class AfGPTForCausalLM(AfGPTPreTrainedModel, GenerationMixin):
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return AfGPTCausalLMOutput(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
                                    attentions=outputs.attentions, accuracy=accuracy)
+
+    def create_masks_for_generate(self, config: AfGPTConfig, inputs_embeds: torch.Tensor,
+                                  attention_mask: torch.Tensor | None, cache: Cache | None, **kwargs):
+        """generate() precomputes 4D masks for static caches without the token ids that document masking needs:
+        with documents or a window, hand the 2D mask on and let forward build the full one."""
+        if config.doc_separator_token_id is None and config.context_size is None:
+            return create_masks_for_generate(config, inputs_embeds, attention_mask, cache, **kwargs)
+        return attention_mask
 
     @staticmethod
     def _reorder_cache(cache: Cache, beam_idx: torch.LongTensor) -> Cache:

@@ -162,3 +162,17 @@ def test_a_cache_built_elsewhere_is_refused_with_document_masking():
     cache = plain(x[:, :5], use_cache=True).cache  # filled by a model that kept no document indices
     with pytest.raises(ValueError, match="did not see with doc_separator_token_id"):
         model(x[:, 5:], cache=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_generation_logits_with_each_cache_equal_recomputation(cache_implementation, mask):
+    """Logits, not just tokens: generate() precomputes 4D masks for a static cache, which must keep the
+    document and window masks."""
+    model = model_for(**MASKS[mask])
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    prompt = sequence(batch=1, length=7)
+    cached = model.generate(prompt, cache_implementation=cache_implementation, **kwargs)
+    recomputed = model.generate(prompt, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    assert_same_logits(torch.stack(cached.logits, dim=1), torch.stack(recomputed.logits, dim=1))
