@@ -9,10 +9,12 @@ import dataclasses
 from datetime import datetime
 from pathlib import Path
 
-from afgpt.bank import read_activations
+from afgpt.activations import is_learnable, parse_af_spec
+from afgpt.bank import LMAFS_SPLINES, read_activations
 from afgpt.training import TrainConfig, train
 
 LM_AFS_DOC_SEPARATOR = 50256  # GPT-2's <|endoftext|>, the separator afgpt uses for .bin shards
+IGNORED_FLAGS = ("plotMinAcc", "plotMaxAcc", "plotMinLoss", "plotMaxLoss", "flexBlockSize")  # no afgpt equivalent
 
 
 @dataclasses.dataclass
@@ -91,22 +93,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def learnable_parts(af_type: str) -> tuple[bool, bool]:
-    """Whether the MLP and attention parts of an af type are learnable splines."""
-    mlp, att = af_type.split(";", 1)
-    return "spline" in mlp, "spline" in att
+    """Whether the MLP and attention activations of an af type have learnable parameters (the zoo's own notion)."""
+    spec = parse_af_spec(af_type)
+    return is_learnable(spec.mlp), is_learnable(spec.att)
+
+
+def splines_only(af_type: str) -> bool:
+    """Whether every learnable activation of an af type is a spline, the only kind lm-afs's ptAf files hold."""
+    spec = parse_af_spec(af_type)
+    return all(kind in LMAFS_SPLINES for kind in (spec.mlp, spec.att) if is_learnable(kind))
 
 
 def check_supported(flags: LmAfsFlags) -> None:
-    """Raise ValueError naming the first flag whose lm-afs feature afgpt does not have yet."""
+    """Raise ValueError naming the first flag whose lm-afs feature afgpt does not have yet, and what to use instead."""
     unsupported = {
-        "freezeEmbeddings": flags.freezeEmbeddings != 0,
-        "shuffleTrData": flags.shuffleTrData != 1,
-        "tieEmbeddings": not flags.tieEmbeddings,
-        "tokenDocSep": flags.tokenDocSep not in (-1, LM_AFS_DOC_SEPARATOR),
+        "freezeEmbeddings": (flags.freezeEmbeddings != 0, "drop the flag (embeddings always train)"),
+        "shuffleTrData": (flags.shuffleTrData != 1, "drop the flag or use --shuffleTrData 1 (shuffled windows)"),
+        "tieEmbeddings": (not flags.tieEmbeddings, "drop the flag (AfGPT ties its input and output embeddings)"),
+        "tokenDocSep": (flags.tokenDocSep not in (-1, LM_AFS_DOC_SEPARATOR),
+                        f"use {LM_AFS_DOC_SEPARATOR} (GPT-2's <|endoftext|>) or -1 (no document masking); shards "
+                        "made by `afgpt prepare` carry their own separator"),
     }
-    for name, bad in unsupported.items():
+    for name, (bad, fix) in unsupported.items():
         if bad:
-            raise ValueError(f"--{name} {getattr(flags, name)!r} is not yet supported by train_afgpt.py")
+            raise ValueError(f"--{name} {getattr(flags, name)!r} is not yet supported by train_afgpt.py: {fix}")
 
 
 def to_train_config(flags: LmAfsFlags) -> TrainConfig:
@@ -163,7 +173,8 @@ def to_train_config(flags: LmAfsFlags) -> TrainConfig:
 
 
 def normalize(flags: LmAfsFlags) -> LmAfsFlags:
-    """Apply lm-afs's defaulting rules: run name, MLP-only af types, frozen non-learnable activations."""
+    """Apply lm-afs's defaulting rules: run name, MLP-only af types, frozen activations when none is learnable;
+    and say which flags afgpt accepts but ignores."""
     if not flags.runName:
         flags = dataclasses.replace(flags, runName=f"{datetime.now():%y%m%d%H%M}")
     if ";" not in flags.afType:
@@ -175,6 +186,11 @@ def normalize(flags: LmAfsFlags) -> LmAfsFlags:
         flags = dataclasses.replace(flags, saveAfEvery=-1)
     if flags.plottingLevel > 2:
         print(f"note: --plottingLevel {flags.plottingLevel}: weight magnitudes are not plotted; using level 2")
+    defaults = LmAfsFlags()
+    ignored = [f"--{name}" for name in IGNORED_FLAGS if getattr(flags, name) != getattr(defaults, name)]
+    if ignored:
+        print(f"note: {' '.join(ignored)} accepted, ignored: afgpt's plots choose their own axis limits and its "
+              "attention has no flex block size")
     return flags
 
 
@@ -207,7 +223,10 @@ def main(argv: list[str] | None = None) -> None:
         train(to_train_config(flags))
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
-    if flags.saveAfEvery != -1:
+    if flags.saveAfEvery != -1 and not splines_only(flags.afType):
+        print(f"note: --afType {flags.afType!r}: lm-afs's ptAf files hold only splines, so none are written; the "
+              f"learned activations are in {Path(flags.dirResults) / flags.runName / 'activations'}")
+    elif flags.saveAfEvery != -1:
         for path in write_activation_files(flags):
             print(f"Saving AF: {path}")
 

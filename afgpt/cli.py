@@ -14,25 +14,21 @@ from pathlib import Path
 from . import data as data_lib
 from .bank import plot_activation_file
 from .hub import HubError, push_run
-from .training import TrainConfig, train
+from .training import RESUMABLE_FIELDS, TrainConfig, train
 
-HELP = {
-    "data": "text file/dir (.txt/.jsonl/.json[.gz]), a Hugging Face dataset name, 'builtin:pydoc', "
-            "or a glob of .bin token shards",
-    "tokenizer": "tokenizer folder or Hub name (default: train a byte-level BPE of --vocab-size on the data)",
-    "af_type": "activation spec '<mlp>;att-<att>', e.g. 'gelu;att-linear' or 'spline;att-spline'",
-    "af_lr": "activation learning rate: > 0 Adam, < 0 SGD with |af_lr|, 0 frozen",
-    "lr_scheduler_type": "trap (warmup, constant, linear cooldown), warmup, or cos",
-    "mixed_precision": "'no' or 'bf16'",
-    "max_grad_norm": "gradient clipping norm (0 = off)",
-    "af_file": "stage II: learned activations to load (bank dir, run dir, lm-afs ptAf .pt/.csv, or Hub repo id); "
-               "frozen when --af-lr is 0",
-    "n_models": "stage I: number of replicas sharing the learnable activations",
-    "staggered_starts": "stage I: 0 all start at once, 1 staggered starts with a common schedule, "
-                        "2 staggered starts, each replica with its own schedule",
-    "save_af_steps": "also save the activations every N steps into activation_snapshots/ (0: only at the end)",
-    "plotting_level": "0 no plots, 1 loss/accuracy and activations, 2 + activation magnitudes",
-}
+TRAIN_FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default; a None or empty default is left to the help text, which says what unset means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default in (None, "") else super()._get_help_string(action)
+
+
+def field_help(name: str) -> str:
+    """A TrainConfig field's help text, escaped for argparse (which formats it with %)."""
+    return TRAIN_FIELDS[name].metadata["help"].replace("%", "%%")
 
 
 def _field_type(field: dataclasses.Field) -> type:
@@ -44,21 +40,25 @@ def _field_type(field: dataclasses.Field) -> type:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    for field in dataclasses.fields(TrainConfig):
+    """One flag per TrainConfig field, with the help text and default written next to the field."""
+    for field in TRAIN_FIELDS.values():
         flag = "--" + field.name.replace("_", "-")
         kind = _field_type(field)
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
-                                help=HELP.get(field.name))
+                                help=field_help(field.name))
         else:
-            parser.add_argument(flag, type=kind, default=field.default, help=HELP.get(field.name),
+            parser.add_argument(flag, type=kind, default=field.default, help=field_help(field.name),
                                 metavar=field.name.upper())
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output-dir from its checkpoint; only " +
+                             ", ".join("--" + name.replace("_", "-") for name in RESUMABLE_FIELDS) +
+                             " may differ from the run's train_config.json (a finished run is left as it is)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
 
 
 def run_train(args: argparse.Namespace) -> None:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    values = {name: getattr(args, name) for name in TRAIN_FIELDS}
     if args.output_dir == TrainConfig.output_dir and not args.resume:
         values["output_dir"] = f"runs/{datetime.now():%Y%m%d-%H%M%S}"
     train(TrainConfig(**values), resume=args.resume, overwrite=args.overwrite)
@@ -69,7 +69,7 @@ def run_prepare(args: argparse.Namespace) -> None:
                  data_lib.train_tokenizer(data_lib.iter_texts(args.data, args.text_field), args.vocab_size))
     paths = data_lib.prepare(data_lib.iter_texts(args.data, args.text_field), tokenizer, args.output_dir,
                              val_tokens=args.val_tokens, shard_size=args.shard_size, prefix=args.prefix)
-    print(f"wrote {len(paths)} shards and the tokenizer to {args.output_dir}")
+    print(f"wrote {len(paths)} shards, the tokenizer and {data_lib.TOKENS_FILE} to {args.output_dir}")
 
 
 def run_plot(args: argparse.Namespace) -> None:
@@ -90,20 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train_parser = commands.add_parser("train", help="train an AfGPT model (default: small model, built-in corpus)",
-                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                       formatter_class=DefaultsHelpFormatter)
     add_train_arguments(train_parser)
     train_parser.set_defaults(run=run_train)
 
     prepare = commands.add_parser("prepare", help="tokenize a corpus into llm.c/lm-afs .bin token shards",
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    prepare.add_argument("--data", default=data_lib.BUILTIN_PYDOC, help=HELP["data"])
-    prepare.add_argument("--text-field", default="text")
-    prepare.add_argument("--tokenizer", default=None, help=HELP["tokenizer"])
-    prepare.add_argument("--vocab-size", type=int, default=TrainConfig.vocab_size)
-    prepare.add_argument("--output-dir", required=True)
-    prepare.add_argument("--val-tokens", type=int, default=TrainConfig.val_tokens)
-    prepare.add_argument("--shard-size", type=int, default=100_000_000)
-    prepare.add_argument("--prefix", default="corpus")
+    prepare.add_argument("--data", default=data_lib.BUILTIN_PYDOC, help=field_help("data"))
+    prepare.add_argument("--text-field", default="text", help=field_help("text_field"))
+    prepare.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub name (default: train a "
+                                                           "byte-level BPE of --vocab-size tokens on the data)")
+    prepare.add_argument("--vocab-size", type=int, default=TrainConfig.vocab_size, help=field_help("vocab_size"))
+    prepare.add_argument("--output-dir", required=True,
+                         help="folder for the shards, the tokenizer and tokens.json (its separator and vocabulary)")
+    prepare.add_argument("--val-tokens", type=int, default=TrainConfig.val_tokens, help=field_help("val_tokens"))
+    prepare.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per training shard")
+    prepare.add_argument("--prefix", default="corpus",
+                         help="shard names: PREFIX_val_000000.bin, PREFIX_train_000001.bin, ...")
     prepare.set_defaults(run=run_prepare)
 
     plot = commands.add_parser("plot", help="plot learned activations (afgpt bank/run dir, lm-afs ptAf .pt/.csv)")

@@ -21,16 +21,18 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .atomic import write_atomically
+from .atomic import write_atomically, write_text_atomically
 
 BUILTIN_PYDOC = "builtin:pydoc"
 EOT_TOKEN = "<|endoftext|>"
-DEFAULT_VOCAB_SIZE = 4096  # a 50k vocabulary would dominate the parameters of a ~1M-parameter model
+DEFAULT_VOCAB_SIZE = 2048  # a 50k vocabulary would dominate the parameters of a ~1M-parameter model
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 MAX_SHARD_VOCAB = 2**16  # uint16 tokens
+TOKENS_FILE = "tokens.json"  # beside shards from prepare(): which tokenizer made them
+TOKENS_FORMAT = "afgpt-tokens"
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".json")
 
 # ----------------------------------------------------------------------------- sources
@@ -78,7 +80,9 @@ def _pydoc_documents() -> Iterator[str]:
 
 def _looks_like_path(source: str) -> bool:
     """Whether a missing `source` was meant as a local path (so we never ask the Hub about it)."""
-    return source.startswith(("/", ".", "~")) or source.removesuffix(".gz").endswith(CORPUS_SUFFIXES)
+    from .paths import looks_like_path
+
+    return looks_like_path(source, CORPUS_SUFFIXES)
 
 
 def _is_corpus_file(path: Path) -> bool:
@@ -266,8 +270,9 @@ def prepare(
     `texts` is a source for iter_texts (with default options) or an iterable of documents.
     The first `val_tokens` tokens of the stream are the validation shard (shard 0, as in llm.c /
     lm-afs, whose boundary may cut a document); the rest goes into train shards of at most
-    `shard_size` tokens. The tokenizer is saved in out_dir so the shards are never separated from it.
-    Returns the shard paths, validation first.
+    `shard_size` tokens. The tokenizer is saved in out_dir so the shards are never separated from it,
+    and TOKENS_FILE records its document separator and vocabulary size, so training on the shards
+    masks documents with the right id instead of assuming GPT-2's. Returns the shard paths, validation first.
     """
     if len(tokenizer) > MAX_SHARD_VOCAB:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but uint16 shards hold ids < {MAX_SHARD_VOCAB}; "
@@ -279,6 +284,9 @@ def prepare(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
+    write_text_atomically(out_dir / TOKENS_FILE, json.dumps(
+        {"format": TOKENS_FORMAT, "version": 1, "tokenizer": tokenizer.name_or_path or None,
+         "eos_token_id": tokenizer.eos_token_id, "vocab_size": len(tokenizer)}, indent=2))
     docs = iter_texts(texts) if isinstance(texts, (str, os.PathLike)) else texts
     paths: list[Path] = []
     pending: list[np.ndarray] = []
@@ -299,6 +307,18 @@ def prepare(
         raise ValueError(f"corpus has only {bar.n} tokens, all used for validation "
                          f"(val_tokens={val_tokens}); lower val_tokens or use more data")
     return paths
+
+
+def read_token_metadata(folder: str | os.PathLike) -> dict | None:
+    """What prepare() recorded about the tokenizer of the shards in `folder`; None for shards made elsewhere."""
+    path = Path(folder) / TOKENS_FILE
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if meta.get("format") != TOKENS_FORMAT or not {"eos_token_id", "vocab_size"} <= meta.keys():
+        raise ValueError(f"{path} is not afgpt token metadata (expected format {TOKENS_FORMAT!r} with eos_token_id "
+                         "and vocab_size): delete it, or re-run `afgpt prepare` to rewrite it")
+    return meta
 
 
 def _tokenize_documents(
@@ -390,7 +410,10 @@ class TokenBatches:
         mismatched = {k: (state[k], v) for k, v in self.state_dict().items()
                       if k not in ("epoch", "index") and state[k] != v}
         if mismatched:
-            raise ValueError(f"data state does not match these batches (saved, current): {mismatched}")
+            raise ValueError(
+                f"the checkpoint's data position does not fit these batches (saved, current): {mismatched}: the "
+                "run was started with other data, seed, --seq-length or number of processes; resume with the "
+                "settings it was started with, or start a new run (another --output-dir, or --overwrite)")
         self.epoch, self.index = state["epoch"], state["index"]
 
 

@@ -15,7 +15,7 @@ CHUNK_BYTES = 16 * 2**20  # fp32 logits per chunk: stays in a desktop CPU's L3 c
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `hidden @ weight.T` against `labels`; also counts correct argmaxes (a tie counts)."""
+    """Summed cross-entropy of `hidden @ weight.T` against `labels`; also counts correct argmaxes (token_accuracy's)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index: int, chunk: int):
@@ -37,8 +37,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             target = y.unsqueeze(1).masked_fill(~valid, 0)
             h = hidden[start:start + chunk] * valid  # an ignored token contributes no gradient
             logits = torch.mm(h.to(mm_dtype), mm_weight.T, out=logits_buffer[:len(y)])
-            target_logit = logits.gather(1, target)
-            correct += (target_logit >= logits.amax(-1, keepdim=True)).logical_and_(valid).sum()
+            # token_accuracy's rule: first maximal index; argmax on bf16 equals argmax on its exact fp32 upcast
+            correct += (logits.argmax(-1) == y).logical_and_(valid.squeeze(1)).sum()
             log_probs = torch.log_softmax(logits, -1, dtype=dtype, out=log_probs_buffer[:len(y)])
             loss_sum -= log_probs.gather(1, target).mul_(valid).sum()
             if grad_h or grad_w:  # d loss_sum / d logits = softmax - one_hot(target)
@@ -65,8 +65,21 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 
     `hidden` is [tokens, hidden], `weight` the LM head [vocab, hidden], `labels` [tokens] already
     aligned with `hidden` (shifted). Divide the sum by the token count yourself (mean, or a
-    gradient-accumulation denominator).
+    gradient-accumulation denominator). A prediction is correct as `token_accuracy` defines it, so
+    the fused training accuracy and the validation accuracy on logits are the same measure.
     """
     if chunk is None:
         chunk = max(128, CHUNK_BYTES // (4 * weight.shape[0]))
     return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk)
+
+
+def token_accuracy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Fraction of the positions whose label is not `ignore_index` where argmax(logits) is the label.
+
+    The one definition of accuracy in afgpt (linear_cross_entropy counts the same way): the argmax
+    is torch.argmax's, the first index among tied maxima, taken on the fp32 logits (upcasting bf16
+    is exact, so bf16 logits give the same answer). 0 when every position is ignored.
+    """
+    valid = labels != ignore_index
+    correct = (logits.float().argmax(-1) == labels).logical_and_(valid)
+    return correct.sum() / valid.sum().clamp_min(1)

@@ -6,13 +6,14 @@ A run directory holds everything a paper needs: train_config.json, the tokenizer
 metrics.jsonl, plots/*.png, and checkpoint/ (the latest resumable state).
 """
 import contextlib
+import glob
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,17 +25,31 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 
 from . import data as data_lib
+from .activations import ACTIVATION_NAMES
 from .atomic import replace_directory, restore_interrupted, write_text_atomically
 from .bank import ActivationBank
 from .configuration_afgpt import AfGPTConfig
 from .ensemble import Replica, average_shared_gradients, build_replicas, schedule_offsets, start_steps
-from .hub import load_activations
+from .hub import FILE_SUFFIXES as ACTIVATION_FILE_SUFFIXES, load_activations
+from .losses import token_accuracy
 from .modeling_afgpt import AfGPTForCausalLM
+from .paths import looks_like_path
 from .plotting import plot_activation_magnitudes, plot_activations, plot_training_curves
 
 LR_SCHEDULES = ("trap", "warmup", "cos")
 COS_MIN_FACTOR = 5e-4
+GPT2_VOCAB, GPT2_SEPARATOR = 50304, 50256  # lm-afs's FineWeb shards: GPT-2 BPE padded to 50304, <|endoftext|>
+WARMUP_PERCENT, COOLDOWN_PERCENT = 10, 50  # of max_steps, for warmup/cooldown left unset (200 steps: 20 and 100)
+POSITIVE_FIELDS = ("max_steps", "per_device_train_batch_size", "seq_length", "gradient_accumulation_steps",
+                   "logging_steps", "eval_steps", "save_steps", "eval_batches", "val_tokens")
+RESUMABLE_FIELDS = ("max_steps", "logging_steps", "eval_steps", "save_steps", "save_af_steps", "plotting_level",
+                    "log_file")
 logger = logging.getLogger("afgpt")
+
+
+def option(default, help_text: str):
+    """A TrainConfig field with its `afgpt train --help` text (transformers.TrainingArguments' convention)."""
+    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass
@@ -43,69 +58,103 @@ class TrainConfig:
 
     Defaults train a small model on the built-in corpus in a few minutes on two CPU cores.
     Optimisation defaults are lm-afs's (Adam betas (0.8, 0.95), activations with their own Adam).
+    warmup_steps and cooldown_steps left unset (None) become 10% and 50% of max_steps, so any run
+    length works; train_config.json records the values that ran. Every setting is checked here
+    (whether local inputs exist, when train() starts), before any data is read or tokenizer trained.
+
+    A --resume may change only RESUMABLE_FIELDS: max_steps (train longer; the schedule then uses
+    the new max_steps, with the run's warmup and cooldown unless given), the logging, evaluation
+    and saving cadence, plotting_level and log_file; any other change is refused.
     """
 
-    output_dir: str = "runs/afgpt"
+    output_dir: str = option("runs/afgpt", "run directory; `afgpt train` without this flag starts a new run in "
+                                           "runs/<date-time>, and --resume without it looks in the default")
     # data
-    data: str = data_lib.BUILTIN_PYDOC  # text source, or a glob of .bin token shards
-    val_data: str | None = None  # glob of validation shards (with .bin training data)
-    text_field: str = "text"
-    tokenizer: str | None = None  # None: train a byte-level BPE of `vocab_size` on the data
-    vocab_size: int = 2048
-    val_tokens: int = 32768
+    data: str = option(data_lib.BUILTIN_PYDOC,
+                       "training text: a .txt/.jsonl/.json(.gz) file or folder, 'builtin:pydoc' (Python's "
+                       "documentation, on every machine), a Hugging Face dataset name, or a glob of .bin token "
+                       "shards")
+    val_data: str | None = option(None, "glob of .bin validation shards, needed with .bin --data (default: none; "
+                                        "text data keeps its first --val-tokens tokens for validation)")
+    text_field: str = option("text", "field that holds the text in .jsonl/.json records and Hub datasets")
+    tokenizer: str | None = option(None, "tokenizer folder or Hub name (default: train a byte-level BPE of "
+                                         "--vocab-size tokens on the data; for .bin shards, the tokenizer "
+                                         "`afgpt prepare` saved beside them, else GPT-2's)")
+    vocab_size: int = option(data_lib.DEFAULT_VOCAB_SIZE, "size of the BPE tokenizer trained on the data when "
+                                                          "there is no --tokenizer")
+    val_tokens: int = option(32768, "tokens of text data held out for validation")
     # model
-    model_name_or_path: str | None = None  # continue from a saved AfGPT instead of a fresh one
-    hidden_size: int = 128
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    af_type: str = "gelu;att-linear"
-    af_layer_specific: int = 1
-    af_range: float = 15.0
-    af_n_anchors: int = 64
-    af_init: float = 0.01
-    context_size: int | None = None
-    doc_masking: bool = True  # keep attention inside documents (lm-afs)
+    model_name_or_path: str | None = option(None, "continue from a saved AfGPT (folder or Hub name) instead of a "
+                                                  "fresh model; the model flags below are then unused (default: "
+                                                  "a fresh model)")
+    hidden_size: int = option(128, "model width")
+    num_hidden_layers: int = option(4, "number of transformer layers")
+    num_attention_heads: int = option(4, "attention heads; they must divide --hidden-size into an even head size")
+    af_type: str = option("gelu;att-linear",
+                          "activation spec '<mlp>;att-<att>', e.g. 'gelu;att-linear' (baseline) or "
+                          "'spline;att-spline'; names: " + " ".join(ACTIVATION_NAMES) + ", and att-none")
+    af_layer_specific: int = option(1, "0 one activation per slot shared by all layers, 1 one per layer, 2 first "
+                                       "and last layers own theirs and the middle layers share one")
+    af_range: float = option(15.0, "splines: anchors evenly spaced on [-af_range, af_range]")
+    af_n_anchors: int = option(64, "splines: number of anchors")
+    af_init: float = option(0.01, "splines: initial constant value, or -1 to start as the identity")
+    context_size: int | None = option(None, "sliding attention window in tokens (default: full causal attention)")
+    doc_masking: bool = option(True, "keep attention inside documents (lm-afs)")
     # optimisation
-    max_steps: int = 200  # ~4 epochs of the built-in corpus; more only memorises it
-    per_device_train_batch_size: int = 16
-    seq_length: int = 128
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 3e-3  # lm-afs uses 6e-4 for 16M parameters; tiny models take more
-    adam_beta1: float = 0.8
-    adam_beta2: float = 0.95
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "trap"
-    warmup_steps: int = 20
-    cooldown_steps: int = 100
-    max_grad_norm: float = 0.0  # 0 = no clipping
-    af_lr: float = 0.1  # > 0 Adam, < 0 SGD with |af_lr|, 0 frozen
-    af_adam_beta1: float = 0.99
-    af_adam_beta2: float = 0.999
-    af_file: str | None = None  # stage II: learned activations (bank dir, lm-afs .pt/.csv, or Hub repo id)
+    max_steps: int = option(200, "optimizer steps (the default is ~4 epochs of the built-in corpus; more only "
+                                 "memorises it); --resume may raise it to train longer")
+    per_device_train_batch_size: int = option(16, "sequences per micro-batch and process")
+    seq_length: int = option(128, "tokens per sequence")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    learning_rate: float = option(3e-3, "peak learning rate of the weights (lm-afs uses 6e-4 for 16M parameters; "
+                                        "tiny models take more)")
+    adam_beta1: float = option(0.8, "the weights' Adam beta1")
+    adam_beta2: float = option(0.95, "the weights' Adam beta2")
+    weight_decay: float = option(0.0, "AdamW weight decay of the weight matrices (norm gains, biases, scalars and "
+                                      "activations are never decayed)")
+    lr_scheduler_type: str = option("trap", "trap (warmup, constant, linear cooldown), warmup (warmup, then "
+                                            "constant) or cos (warmup, then cosine decay)")
+    warmup_steps: int | None = option(None, "linear warmup steps (default: 10% of --max-steps)")
+    cooldown_steps: int | None = option(None, "trap: linear cooldown steps at the end (default: 50% of "
+                                              "--max-steps)")
+    max_grad_norm: float = option(0.0, "gradient clipping norm (0: no clipping)")
+    af_lr: float = option(0.1, "activation learning rate: > 0 Adam, < 0 SGD with |af_lr|, 0 frozen")
+    af_adam_beta1: float = option(0.99, "the activations' Adam beta1")
+    af_adam_beta2: float = option(0.999, "the activations' Adam beta2")
+    af_file: str | None = option(None, "stage II: learned activations to load (bank dir, run dir, lm-afs ptAf "
+                                       ".pt/.csv, or Hub repo id), frozen when --af-lr is 0 (default: none)")
     # stage I: replicas sharing the learnable activations (lm-afs's multi-model training)
-    n_models: int = 1
-    staggered_starts: int = 2  # 0 off, 1 staggered with a common schedule, 2 each replica's own schedule
-    same_data_across_models: bool = False
-    same_init_across_models: bool = False
-    mixed_precision: str = "no"  # "no" or "bf16"
-    seed: int = 0
+    n_models: int = option(1, "stage I: number of replicas sharing the learnable activations")
+    staggered_starts: int = option(2, "stage I: 0 all start at once, 1 staggered starts with a common schedule, "
+                                      "2 staggered starts, each replica with its own schedule")
+    same_data_across_models: bool = option(False, "stage I: all replicas read the same batches")
+    same_init_across_models: bool = option(False, "stage I: all replicas start from replica 0's weights")
+    mixed_precision: str = option("no", "'no' (fp32) or 'bf16' autocast (fast on GPUs and on CPUs with "
+                                        "AVX-512/AMX)")
+    seed: int = option(0, "random seed (replica m of stage I uses seed + m)")
     # logging and checkpoints
-    logging_steps: int = 10
-    eval_steps: int = 50
-    eval_batches: int = 8
-    save_steps: int = 100
-    save_af_steps: int = 0  # also snapshot the activations every N steps (0: only the final ones)
-    plotting_level: int = 2  # 0 no plots, 1 loss/accuracy and activations, 2 + activation magnitudes
-    run_name: str = ""
-    log_file: str | None = None  # default: <output_dir>/train.log
+    logging_steps: int = option(10, "log the training loss every N steps")
+    eval_steps: int = option(50, "validate and plot every N steps")
+    eval_batches: int = option(8, "validation batches per evaluation")
+    save_steps: int = option(100, "save a resumable checkpoint every N steps")
+    save_af_steps: int = option(0, "also save the activations every N steps into activation_snapshots/ (0: only "
+                                   "at the end)")
+    plotting_level: int = option(2, "0 no plots, 1 loss/accuracy and activations, 2 + activation magnitudes")
+    run_name: str = option("", "name in plot titles and in the activations' provenance (default: the output "
+                               "directory)")
+    log_file: str | None = option(None, "log file (default: <output-dir>/train.log)")
 
     def __post_init__(self):
-        if self.lr_scheduler_type not in LR_SCHEDULES:
-            raise ValueError(f"lr_scheduler_type={self.lr_scheduler_type!r}: choose one of {', '.join(LR_SCHEDULES)}")
-        if self.warmup_steps + self.cooldown_steps > self.max_steps:
-            raise ValueError(
-                f"warmup_steps ({self.warmup_steps}) + cooldown_steps ({self.cooldown_steps}) exceed max_steps "
-                f"({self.max_steps}): shorten them or train longer")
+        for name in POSITIVE_FIELDS:  # first: the checks below compare with these
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        # left unset: scaled to max_steps here, and on --resume the run's saved values are kept
+        self.scaled_defaults = {name for name in ("warmup_steps", "cooldown_steps") if getattr(self, name) is None}
+        if self.warmup_steps is None:
+            self.warmup_steps = self.max_steps * WARMUP_PERCENT // 100
+        if self.cooldown_steps is None:
+            self.cooldown_steps = self.max_steps * COOLDOWN_PERCENT // 100
+        self._check_schedule()
         if self.plotting_level not in (0, 1, 2):
             raise ValueError(f"plotting_level={self.plotting_level}: use 0 (none), 1 (curves, activations) or 2 "
                              "(+ activation magnitudes)")
@@ -114,10 +163,35 @@ class TrainConfig:
         start_steps(self.n_models, self.max_steps, self.staggered_starts)  # validates both
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"mixed_precision={self.mixed_precision!r}: use 'no' or 'bf16'")
-        for name in ("max_steps", "per_device_train_batch_size", "seq_length", "gradient_accumulation_steps",
-                     "logging_steps", "eval_steps", "save_steps", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.data.endswith(".bin") and not self.val_data:
+            raise ValueError("training on .bin shards needs val_data (--val-data, a glob of validation shards)")
+        self.model_config(vocab_size=1)  # AfGPTConfig checks the model fields, with its own messages
+
+    def _check_schedule(self) -> None:
+        """The learning-rate schedule must fit in max_steps; only trap has a cooldown."""
+        if self.lr_scheduler_type not in LR_SCHEDULES:
+            raise ValueError(f"lr_scheduler_type={self.lr_scheduler_type!r}: choose one of {', '.join(LR_SCHEDULES)}")
+        if self.warmup_steps < 0 or self.cooldown_steps < 0:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) and cooldown_steps ({self.cooldown_steps}) must be "
+                             ">= 0; or leave them unset (10% and 50% of max_steps)")
+        if self.lr_scheduler_type == "trap" and self.warmup_steps + self.cooldown_steps > self.max_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) + cooldown_steps ({self.cooldown_steps}) exceed max_steps "
+                f"({self.max_steps}): lower them, leave them unset (10% and 50% of max_steps), or raise max_steps")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps}): lower it, "
+                             "leave it unset (10% of max_steps), or raise max_steps")
+
+    def model_config(self, vocab_size: int, af_range: float | None = None, af_n_anchors: int | None = None,
+                     **kwargs) -> AfGPTConfig:
+        """The AfGPTConfig of a fresh model of this run; a stage II bank may set the anchor grid."""
+        return AfGPTConfig(
+            vocab_size=vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, max_position_embeddings=self.seq_length,
+            af_type=self.af_type, af_layer_specific=self.af_layer_specific,
+            af_range=self.af_range if af_range is None else af_range,
+            af_n_anchors=self.af_n_anchors if af_n_anchors is None else af_n_anchors, af_init=self.af_init,
+            context_size=self.context_size, **kwargs)
 
     def lr_factor(self, step: int) -> float:
         """The schedule's multiplier at `step` (0 before a replica's schedule starts)."""
@@ -152,11 +226,30 @@ def split_parameters(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], 
     return weights, activations
 
 
-def weight_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay) over every trainable parameter except the activations."""
+def decay_parameter_names(model: torch.nn.Module) -> set[str]:
+    """The parameters weight decay applies to: the matrices among those transformers.Trainer decays.
+
+    Trainer spares norms and biases (by layer type and name); AfGPT's vectors and scalars (skip weights,
+    mixing lambdas, pre-activation scales) are gains too, so they are spared as well. One rule for
+    the afgpt loop and AfTrainer.
+    """
+    trainer_rule = Trainer.get_decay_parameter_names(None, model)  # reads no Trainer state
+    return {name for name in trainer_rule if model.get_parameter(name).dim() >= 2}
+
+
+def weight_groups(model: torch.nn.Module, weight_decay: float, decay: set[str]) -> list[dict]:
+    """The trainable parameters except the activations, as optimizer groups: the `decay` names, the rest undecayed."""
     weights, _ = split_parameters(model)
-    return torch.optim.AdamW(weights, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             weight_decay=cfg.weight_decay)
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = [{"params": [p for p in weights if names[id(p)] in decay], "weight_decay": weight_decay},
+              {"params": [p for p in weights if names[id(p)] not in decay], "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def weight_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay, on the matrices) over every trainable parameter except the activations."""
+    return torch.optim.AdamW(weight_groups(model, cfg.weight_decay, decay_parameter_names(model)),
+                             lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2))
 
 
 def activation_optimizer(activations: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer | None:
@@ -174,10 +267,6 @@ def activation_optimizer(activations: torch.nn.Module, cfg: TrainConfig) -> torc
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return (logits.argmax(-1) == labels).float().mean()
 
 
 class ActivationMagnitudes:
@@ -276,14 +365,7 @@ def prepare_run_directory(cfg: TrainConfig, resume: bool, overwrite: bool) -> Pa
 def load_data(cfg: TrainConfig, out: Path, is_main: bool, wait) -> RunData:
     """Token shards for training and validation: read given .bin shards, or tokenize a text source."""
     if cfg.data.endswith(".bin"):
-        tokenizer = data_lib.load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
-        vocab = padded_vocab(len(tokenizer)) if tokenizer else 50304  # lm-afs: GPT-2 BPE padded to 50304
-        if not cfg.val_data:
-            raise ValueError("training on .bin shards needs --val-data (a glob of validation shards)")
-        train = data_lib.load_tokens(cfg.data, vocab_size=vocab)
-        val = data_lib.load_tokens(cfg.val_data, vocab_size=vocab)
-        separator = tokenizer.eos_token_id if tokenizer else 50256
-        return RunData(train, val, tokenizer, vocab, separator if cfg.doc_masking else None)
+        return load_shards(cfg)
     token_dir = out / "tokens"
     if is_main and not (token_dir / "tokenizer.json").exists():
         if cfg.tokenizer:
@@ -301,6 +383,55 @@ def load_data(cfg: TrainConfig, out: Path, is_main: bool, wait) -> RunData:
     return RunData(train, val, tokenizer, vocab, tokenizer.eos_token_id if cfg.doc_masking else None)
 
 
+def load_shards(cfg: TrainConfig) -> RunData:
+    """.bin shards with the tokenizer that made them: the one `afgpt prepare` recorded beside them (or
+    --tokenizer, checked against that record); shards without a record are taken to be lm-afs's GPT-2 tokens."""
+    record = shard_record(cfg)
+    if record is None and not cfg.tokenizer:
+        logger.info(f"no {data_lib.TOKENS_FILE} beside the .bin shards (not made by `afgpt prepare`): taking them "
+                    f"to be GPT-2 tokens like lm-afs's FineWeb shards (vocabulary {GPT2_VOCAB}, document separator "
+                    f"{GPT2_SEPARATOR}); pass --tokenizer if another tokenizer made them")
+        tokenizer, vocab, separator, source = None, GPT2_VOCAB, GPT2_SEPARATOR, "GPT-2's, assumed"
+    else:
+        tokenizer = data_lib.load_tokenizer(cfg.tokenizer or record[0])
+        vocab, separator, source = padded_vocab(len(tokenizer)), tokenizer.eos_token_id, f"of {tokenizer.name_or_path}"
+        if record is not None:
+            check_recorded_tokenizer(tokenizer, *record)
+    train, val = (data_lib.load_tokens(pattern) for pattern in (cfg.data, cfg.val_data))
+    for pattern, tokens in ((cfg.data, train), (cfg.val_data, val)):
+        top = int(tokens.max()) if tokens.size else -1
+        if top >= vocab:
+            raise ValueError(f"{pattern}: token id {top} >= vocab size {vocab} (the tokenizer's, {source}): another "
+                             "tokenizer made these shards; pass that one with --tokenizer")
+    return RunData(train, val, tokenizer, vocab, separator if cfg.doc_masking else None)
+
+
+def shard_record(cfg: TrainConfig) -> tuple[Path, dict] | None:
+    """The folder and tokens.json record of the training and validation shards, which must agree; None without one."""
+    folders = sorted({Path(p).parent for pattern in (cfg.data, cfg.val_data)
+                      for p in glob.glob(os.path.expanduser(pattern))})
+    records = {folder: data_lib.read_token_metadata(folder) for folder in folders}
+    kinds = {None if r is None else (r["eos_token_id"], r["vocab_size"]) for r in records.values()}
+    if len(kinds) > 1:
+        found = "; ".join(f"{folder}: " + ("no record" if r is None else f"eos id {r['eos_token_id']}, "
+                                                                          f"{r['vocab_size']} tokens")
+                          for folder, r in records.items())
+        raise ValueError(f"the training and validation shards come from different tokenizers ({found}, from "
+                         f"{data_lib.TOKENS_FILE}): make both with one `afgpt prepare` run")
+    return next(((folder, r) for folder, r in records.items() if r is not None), None)
+
+
+def check_recorded_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path, record: dict) -> None:
+    """--tokenizer must be the one that made the shards: same document separator and vocabulary size."""
+    given, recorded = (tokenizer.eos_token_id, len(tokenizer)), (record["eos_token_id"], record["vocab_size"])
+    if given != recorded:
+        raise ValueError(
+            f"--tokenizer {tokenizer.name_or_path} (eos id {given[0]}, {given[1]} tokens) is not the tokenizer that "
+            f"made the shards in {folder} (eos id {recorded[0]}, {recorded[1]} tokens, recorded in "
+            f"{folder / data_lib.TOKENS_FILE}): drop --tokenizer to use the one saved beside the shards, or "
+            "re-run `afgpt prepare` with this tokenizer")
+
+
 def padded_vocab(n: int) -> int:
     """Round the vocabulary up to a multiple of 64 (lm-afs pads GPT-2's 50257 to 50304) for fast matmuls."""
     return (n + 63) // 64 * 64
@@ -316,11 +447,8 @@ def build_model(cfg: TrainConfig, run_data: RunData, bank: ActivationBank | None
                 f"{run_data.vocab_size} tokens: use the tokenizer the model was trained with")
         return model
     grid = bank.config if bank is not None else cfg
-    config = AfGPTConfig(
-        vocab_size=run_data.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads, max_position_embeddings=cfg.seq_length,
-        af_type=cfg.af_type, af_layer_specific=cfg.af_layer_specific, af_range=grid.af_range,
-        af_n_anchors=grid.af_n_anchors, af_init=cfg.af_init, context_size=cfg.context_size,
+    config = cfg.model_config(
+        run_data.vocab_size, af_range=grid.af_range, af_n_anchors=grid.af_n_anchors,
         doc_separator_token_id=run_data.doc_separator,
         eos_token_id=run_data.tokenizer.eos_token_id if run_data.tokenizer else None,
         bos_token_id=run_data.tokenizer.bos_token_id if run_data.tokenizer else None)
@@ -430,7 +558,8 @@ def save_plots(model: torch.nn.Module, history: list, plots: Path, cfg: TrainCon
     plot_activations(model, plots / "activations.png", title=title)
     magnitudes = [r for r in history if r["kind"] == "act"]
     if magnitudes and cfg.plotting_level >= 2:
-        plot_activation_magnitudes(magnitudes, plots / "activation_magnitudes.png", af_range=cfg.af_range)
+        plot_activation_magnitudes(magnitudes, plots / "activation_magnitudes.png",
+                                   af_range=model.config.af_range)  # a stage II bank's grid, not --af-range
 
 
 def save_bank(model: AfGPTForCausalLM, directory: Path, provenance: dict) -> None:
@@ -455,17 +584,90 @@ def warn_if_bf16_is_emulated(mixed_precision: str, device: torch.device) -> None
                        "training will be many times slower than in fp32; use mixed_precision='no' here")
 
 
+def check_inputs_exist(cfg: TrainConfig) -> None:
+    """Missing local inputs fail before the run directory, a tokenizer or tokens are made."""
+    for name in ("data", "val_data"):
+        pattern = getattr(cfg, name)
+        if pattern and pattern.endswith(".bin") and not glob.glob(os.path.expanduser(pattern)):
+            raise FileNotFoundError(f"{name}={pattern!r}: no token shards match; check the path or glob")
+    suffixes = {"data": data_lib.CORPUS_SUFFIXES, "tokenizer": data_lib.CORPUS_SUFFIXES, "model_name_or_path": (),
+                "af_file": ACTIVATION_FILE_SUFFIXES}  # a missing name written like this is not a Hub id
+    for name, file_suffixes in suffixes.items():
+        path = getattr(cfg, name)
+        if (path and not path.endswith(".bin") and path != data_lib.BUILTIN_PYDOC
+                and not Path(path).expanduser().exists() and looks_like_path(path, file_suffixes)):
+            raise FileNotFoundError(f"{name}={path!r} does not exist; check the path")
+
+
+def resumed_config(cfg: TrainConfig, saved: TrainConfig) -> TrainConfig:
+    """The settings a resumed run continues with: the saved ones, with RESUMABLE_FIELDS (and output_dir,
+    however spelled) from `cfg`. Any other difference is refused; warmup/cooldown left unset keep their saved values."""
+    changed = [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(cfg, f.name)!r}" for f in fields(cfg)
+               if f.name not in (*RESUMABLE_FIELDS, "output_dir", *cfg.scaled_defaults)
+               and getattr(cfg, f.name) != getattr(saved, f.name)]
+    if changed:
+        raise ValueError(
+            f"--resume: these settings differ from the run's train_config.json (saved -> given): {'; '.join(changed)}. "
+            f"Resume with the run's settings (only {', '.join(RESUMABLE_FIELDS)} may change), or start a new run "
+            "in another --output-dir")
+    if cfg.max_steps != saved.max_steps and saved.n_models > 1 and saved.staggered_starts:
+        raise ValueError(f"--resume: max_steps cannot change ({saved.max_steps} -> {cfg.max_steps}) in stage I with "
+                         "staggered starts, which spread the replicas' starts over max_steps; keep max_steps "
+                         f"{saved.max_steps}")
+    return replace(saved, output_dir=cfg.output_dir, **{name: getattr(cfg, name) for name in RESUMABLE_FIELDS})
+
+
+class Throughput:
+    """Training time and tokens since the last log line. Validation, plots and checkpoints run with the
+    clock paused, so tokens/s and the elapsed time count training alone, whatever the cadences."""
+
+    def __init__(self):
+        self.seconds, self.tokens = 0.0, 0
+        self.started = time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.seconds += time.perf_counter() - self.started
+        try:
+            yield
+        finally:
+            self.started = time.perf_counter()
+
+    def take(self) -> tuple[float, int]:
+        """(seconds, tokens) of the window so far; the next window starts now."""
+        now = time.perf_counter()
+        window = self.seconds + now - self.started, self.tokens
+        self.seconds, self.tokens, self.started = 0.0, 0, now
+        return window
+
+
+def final_metrics(history: list[dict], step: int, num_processes: int) -> dict:
+    """What train() returns: the last training loss and validation loss/accuracy of replica 0."""
+    def last(kind: str) -> dict:
+        return next((r for r in reversed(history) if r["kind"] == kind and r.get("replica", 0) == 0), {})
+
+    return {"step": step, "train_loss": last("train").get("loss"), "val_loss": last("val").get("loss"),
+            "val_accuracy": last("val").get("accuracy"), "num_processes": num_processes}
+
+
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Train AfGPT as `cfg` says; returns the final metrics. Multi-process under `accelerate launch`.
 
     With n_models > 1 this is stage I of activation discovery: replicas sharing one set of activations;
-    evaluation, plots and saved files use replica 0, as in lm-afs.
+    evaluation, plots and saved files use replica 0, as in lm-afs. `resume` continues the run in
+    cfg.output_dir (see TrainConfig for what may change); a finished run is left as it is.
     """
+    check_inputs_exist(cfg)
     AcceleratorState._reset_state()  # a singleton: without this, a second run inherits the first's precision
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     is_main = accelerator.is_main_process
     out = prepare_run_directory(cfg, resume, overwrite) if is_main else Path(cfg.output_dir)
     accelerator.wait_for_everyone()
+    if resume:
+        cfg = resumed_config(cfg, TrainConfig.load(out / "train_config.json"))
     setup_logging(Path(cfg.log_file) if cfg.log_file else out / "train.log", is_main)
     if is_main and not resume:
         write_text_atomically(out / "train_config.json", json.dumps(asdict(cfg), indent=2))
@@ -489,6 +691,10 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     if resume:
         accelerator.load_state(str(out / "checkpoint"))
         logger.info(f"resumed from {out / 'checkpoint'} at step {state.step}")
+        if state.step >= cfg.max_steps:
+            return finished_run(cfg, state, accelerator, out)
+        if is_main:  # what this run now does: a longer max_steps, other cadences
+            write_text_atomically(out / "train_config.json", json.dumps(asdict(cfg), indent=2))
     metrics = MetricsWriter(out / "metrics.jsonl", state.history, is_main)
     if resume:
         metrics.rewrite()
@@ -498,9 +704,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                   "seed": cfg.seed, "af_lr": cfg.af_lr, "af_file": cfg.af_file}
     tokens_per_step = cfg.per_device_train_batch_size * cfg.seq_length * cfg.gradient_accumulation_steps \
         * accelerator.num_processes
-    val_loss = val_acc = None
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not is_main, desc="training", unit="step")
-    window_start, window_tokens = time.perf_counter(), 0
+    window = Throughput()
     for replica in replicas:
         replica.model.train()
     while state.step < cfg.max_steps:
@@ -513,44 +718,59 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                     f"stopped before applying that update. The last good checkpoint is {out / 'checkpoint'} (resume "
                     "with --resume); try a lower learning rate, --max-grad-norm, or mixed precision 'no'")
         state.step += 1
-        window_tokens += len(results) * tokens_per_step
+        window.add(len(results) * tokens_per_step)
         bar.update(1)
-        loss, accuracy = results[0]
-        if state.step % cfg.logging_steps == 0 or state.step == cfg.max_steps:
-            seconds = time.perf_counter() - window_start
+        last = state.step == cfg.max_steps
+        if state.step % cfg.logging_steps == 0 or last:
+            seconds, tokens = window.take()
             state.elapsed += seconds
-            speed = window_tokens / seconds
-            metrics.write(*train_records(results, replicas, state.step, speed, cfg))
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:,.0f}",
-                            **({"replicas": f"{len(results)}/{cfg.n_models}"} if cfg.n_models > 1 else {}))
-            logger.info(f"Step {state.step}/{cfg.max_steps}   lossTr {loss:.4f}   accTr {100 * accuracy:.1f}   "
-                        f"{state.elapsed:.0f}s = {state.elapsed / state.step:.3f}s/step   {speed:,.0f} tokens/s")
-            if cfg.n_models > 1:
-                losses = " ".join(f"{results[r.index][0]:.4f}" if r.index in results else "-" for r in replicas)
-                logger.info(f"Step {state.step}/{cfg.max_steps}   replicas {len(results)}/{cfg.n_models} active   "
-                            f"lossTr per replica: {losses}")
-            window_start, window_tokens = time.perf_counter(), 0
-        if state.step % cfg.eval_steps == 0 or state.step == cfg.max_steps:
-            val_loss, val_acc = validate(model, run_data.val, cfg, metrics, state.step)
-            if is_main:
-                save_plots(model, state.history, out / "plots", cfg)
-            window_start = time.perf_counter()
-        if cfg.save_af_steps and state.step % cfg.save_af_steps == 0 and state.step < cfg.max_steps and is_main:
-            snapshot = out / "activation_snapshots" / f"step-{state.step:06d}"
-            save_bank(model, snapshot, {**provenance, "steps": state.step})
-        if state.step % cfg.save_steps == 0 and state.step < cfg.max_steps:
-            save_checkpoint(accelerator, out)
-            window_start = time.perf_counter()
+            log_training(results, replicas, state, tokens / seconds, metrics, bar, cfg)
+        with window.paused():  # validation, plots and checkpoints are not training time
+            if state.step % cfg.eval_steps == 0 or last:
+                validate(model, run_data.val, cfg, metrics, state.step)
+                if is_main:
+                    save_plots(model, state.history, out / "plots", cfg)
+            if cfg.save_af_steps and state.step % cfg.save_af_steps == 0 and not last and is_main:
+                snapshot = out / "activation_snapshots" / f"step-{state.step:06d}"
+                save_bank(model, snapshot, {**provenance, "steps": state.step})
+            if state.step % cfg.save_steps == 0 and not last:
+                save_checkpoint(accelerator, out)
     bar.close()
     save_checkpoint(accelerator, out)
+    final = final_metrics(state.history, state.step, accelerator.num_processes)
     if is_main:
-        save_final(model, run_data, out, {**provenance, "steps": state.step, "final_val_loss": val_loss})
+        save_final(model, run_data, out, {**provenance, "steps": state.step, "final_val_loss": final["val_loss"]})
     accelerator.wait_for_everyone()
-    final = {"step": state.step, "train_loss": loss, "val_loss": val_loss, "val_accuracy": val_acc,
-             "num_processes": accelerator.num_processes}
     logger.info(f"done: {json.dumps(final)}; model saved in {out}")
     accelerator.end_training()
     return final
+
+
+def finished_run(cfg: TrainConfig, state: RunState, accelerator: Accelerator, out: Path) -> dict:
+    """--resume of a run that already reached max_steps: nothing to train; its final metrics."""
+    if state.step > cfg.max_steps:
+        raise ValueError(f"--resume: the run in {out} is at step {state.step}, past max_steps={cfg.max_steps}: pass "
+                         f"max_steps >= {state.step} (larger to train longer)")
+    final = final_metrics(state.history, state.step, accelerator.num_processes)
+    logger.info(f"the run in {out} already finished at step {state.step} (max_steps {cfg.max_steps}); nothing to do "
+                f"(pass a larger --max-steps to train longer): {json.dumps(final)}")
+    accelerator.end_training()
+    return final
+
+
+def log_training(results: dict[int, tuple[float, float]], replicas: list[Replica], state: RunState, speed: float,
+                 metrics: MetricsWriter, bar: tqdm, cfg: TrainConfig) -> None:
+    """The training records, progress bar and log lines of a logging step."""
+    metrics.write(*train_records(results, replicas, state.step, speed, cfg))
+    loss, accuracy = results[0]
+    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:,.0f}",
+                    **({"replicas": f"{len(results)}/{cfg.n_models}"} if cfg.n_models > 1 else {}))
+    logger.info(f"Step {state.step}/{cfg.max_steps}   lossTr {loss:.4f}   accTr {100 * accuracy:.1f}   "
+                f"{state.elapsed:.0f}s = {state.elapsed / state.step:.3f}s/step   {speed:,.0f} tokens/s")
+    if cfg.n_models > 1:
+        losses = " ".join(f"{results[r.index][0]:.4f}" if r.index in results else "-" for r in replicas)
+        logger.info(f"Step {state.step}/{cfg.max_steps}   replicas {len(results)}/{cfg.n_models} active   "
+                    f"lossTr per replica: {losses}")
 
 
 def train_records(results: dict[int, tuple[float, float]], replicas: list[Replica], step: int, speed: float,
@@ -644,8 +864,11 @@ class AfTrainer(Trainer):
 
     Use it like Trainer, plus `af_lr` (0 freezes the activations) and `af_betas`:
         AfTrainer(model=model, args=TrainingArguments(...), train_dataset=..., af_lr=0.1)
-    The schedule set in TrainingArguments scales both groups, as lm-afs does. SGD for activations
-    (lm-afs's negative afLr) needs the afgpt training loop.
+    The optimizer is the one `args.optim` / `optim_args` name; weight decay applies to what
+    `get_decay_parameter_names` returns (decay_parameter_names: Trainer's rule, matrices only); the
+    activations form their own group (af_lr, af_betas, no decay). The schedule set in
+    TrainingArguments scales every group, as lm-afs does. SGD for activations (lm-afs's negative
+    afLr) needs the afgpt training loop.
     """
 
     def __init__(self, *args, af_lr: float = 0.1, af_betas: tuple[float, float] = (0.99, 0.999), **kwargs):
@@ -654,17 +877,21 @@ class AfTrainer(Trainer):
         self.af_lr, self.af_betas = af_lr, af_betas
         super().__init__(*args, **kwargs)
 
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        return sorted(decay_parameter_names(model))
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             model = self.model if model is None else model
             if self.af_lr == 0:
                 model.base_model.activations.requires_grad_(False)
-            weights, activations = split_parameters(model)
-            groups = [{"params": weights, "lr": self.args.learning_rate, "weight_decay": self.args.weight_decay,
-                       "betas": (self.args.adam_beta1, self.args.adam_beta2)}]
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            groups = weight_groups(model, self.args.weight_decay, set(self.get_decay_parameter_names(model)))
+            _, activations = split_parameters(model)
             if activations:
-                groups.append({"params": activations, "lr": self.af_lr, "weight_decay": 0.0, "betas": self.af_betas})
-            self.optimizer = torch.optim.AdamW(groups, eps=self.args.adam_epsilon)
+                betas = {"betas": self.af_betas} if "betas" in optimizer_kwargs else {}
+                groups.append({"params": activations, "lr": self.af_lr, "weight_decay": 0.0, **betas})
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
 

@@ -261,6 +261,17 @@ def test_prepare_end_to_end(small_tokenizer, tmp_path):
     assert load_tokenizer(tmp_path).get_vocab() == tok.get_vocab()  # tokenizer saved with the shards
 
 
+def test_prepare_records_the_tokenizer_beside_the_shards(small_tokenizer, tmp_path):
+    prepare(["Lily and Ben played in the park. " * 20] * 10, small_tokenizer, tmp_path, val_tokens=100)
+    meta = data.read_token_metadata(tmp_path)
+    assert (meta["eos_token_id"], meta["vocab_size"]) == (small_tokenizer.eos_token_id, len(small_tokenizer))
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically
+    assert data.read_token_metadata(tmp_path / "elsewhere") is None  # shards made by another tool
+    (tmp_path / data.TOKENS_FILE).write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="is not afgpt token metadata.*re-run `afgpt prepare`"):
+        data.read_token_metadata(tmp_path)
+
+
 def test_prepare_from_path_with_gpt2(tmp_path):
     tok = load_tokenizer(shared(GPT2))
     paths = prepare(str(shared(TINYSTORIES / "cs336_tinystories_sample.txt")), tok, tmp_path, val_tokens=50)
@@ -339,8 +350,9 @@ def test_state_dict_resume_gives_identical_batches():
     for (xe, ye), (xg, yg) in zip(expected, (next(b) for _ in range(12))):
         assert torch.equal(xe, xg) and torch.equal(ye, yg)
     other = TokenBatches(tokens, batch_size=4, seq_len=11, seed=7, stream=2)
-    with pytest.raises(ValueError, match="seq_len"):
+    with pytest.raises(ValueError, match="seq_len") as error:
         other.load_state_dict(state)
+    assert "resume with the settings it was started with, or start a new run" in str(error.value)  # says the fix
 
 
 def test_too_short_corpus():

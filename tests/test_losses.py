@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from afgpt import AfGPTForCausalLM
-from afgpt.losses import linear_cross_entropy
+from afgpt.losses import linear_cross_entropy, token_accuracy
 from conftest import perturb, tiny_config
 
 
@@ -138,3 +138,50 @@ def test_a_frozen_input_gets_no_gradient_computed_and_the_other_is_unchanged(fro
     loss_sum.backward()
     assert (w if frozen == "weight" else h).grad is None
     torch.testing.assert_close(trainable.grad, expected[index])
+
+
+def tied_problem(dtype=torch.float32):
+    """Logits with exact ties: vocab rows 3 and 5 of the head are equal, so are their logits on every token."""
+    h, w, y = problem(tokens=40, hidden=8, vocab=12)
+    with torch.no_grad():
+        w[5] = w[3]
+        h[:, :] = h.abs()  # the tied pair is the argmax on some tokens
+        w[3] = w[3].abs() + 0.5
+        w[5] = w[3]
+    logits = (h @ w.T).detach()
+    top = logits.argmax(-1)
+    assert (top == 3).sum() > 5  # ties resolved to the first index on many tokens
+    y = torch.where(torch.arange(len(y)) % 2 == 0, torch.full_like(y, 5), torch.full_like(y, 3))  # half the tied label
+    y[::7] = -100
+    return h.detach().to(dtype), w.detach().to(dtype), y
+
+
+def test_token_accuracy_counts_non_ignored_positions_and_the_first_tied_index():
+    logits = torch.tensor([[1.0, 3.0, 3.0], [2.0, 0.0, 0.0], [0.0, 0.0, 5.0], [9.0, 0.0, 0.0]])
+    labels = torch.tensor([1, 0, 1, -100])  # tie: 1 is the first maximum; 2 would not count
+    assert token_accuracy(logits, labels).item() == pytest.approx(2 / 3)  # the ignored row is not in the denominator
+    assert token_accuracy(logits, torch.tensor([2, 0, 2, -100])).item() == pytest.approx(2 / 3)
+    assert token_accuracy(logits, torch.full((4,), -100)).item() == 0.0
+    assert token_accuracy(logits, torch.tensor([1, 0, 1, 7]), ignore_index=7).item() == pytest.approx(2 / 3)
+
+
+def test_token_accuracy_of_bf16_logits_is_that_of_their_fp32_values():
+    logits = torch.randn(64, 30, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    logits[:, 7] = logits[:, 3]  # ties that stay ties in bf16
+    labels = logits.float().argmax(-1)
+    labels[::3] = 7
+    assert token_accuracy(logits, labels) == token_accuracy(logits.float(), labels)
+    assert token_accuracy(logits, labels).dtype == torch.float32
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_correct_count_is_token_accuracy_of_the_plain_logits(autocast):
+    h, w, y = tied_problem()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        _, correct = linear_cross_entropy(h, w, y, chunk=16)
+        logits = h @ w.T  # bf16 under autocast, as the plain path's lm_head makes them
+    valid = (y != -100).sum()
+    assert correct.item() == round(token_accuracy(logits, y).item() * valid.item())
+    at_a_maximum = logits.float() >= logits.float().amax(-1, keepdim=True)
+    tie_counts = (at_a_maximum.gather(1, y.clamp_min(0)[:, None])[:, 0] & (y != -100)).sum()
+    assert correct.item() < tie_counts  # counting every tied maximum as correct would give more

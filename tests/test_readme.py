@@ -17,4 +17,4 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
 def test_ci_runs_the_readme_test_command():
     command = re.search(r"## Test\n\n```bash\n(.*?)\n```", README.read_text(), re.S).group(1)
     ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()
-    assert ci[-1] == command
+    assert command in ci  # exactly that line; the floor check runs after it

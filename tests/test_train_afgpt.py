@@ -5,7 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from afgpt.activations import LEARNABLE_NAMES
 from afgpt.bank import read_activations
 from afgpt.data import write_shard
 
@@ -155,3 +157,40 @@ def test_config_mapping():
     assert cfg.eval_batches == 10485760 // 4096 and cfg.save_steps == 20000
     with pytest.raises(ValueError, match="dtype"):
         train_afgpt.to_train_config(train_afgpt.LmAfsFlags(dtype="float16"))
+
+
+@pytest.mark.parametrize("kind", LEARNABLE_NAMES)
+@pytest.mark.parametrize("slot", ["mlp", "att"])
+def test_every_learnable_kind_keeps_its_learning_rate_and_layer_sharing(kind, slot):
+    af_type = f"{kind};att-linear" if slot == "mlp" else f"gelu;att-{kind}"
+    flags = train_afgpt.normalize(train_afgpt.LmAfsFlags(runName="x", afType=af_type, afLr=0.05, afLayerSpecific=1))
+    cfg = train_afgpt.to_train_config(flags)
+    assert (cfg.af_lr, cfg.af_layer_specific, cfg.af_type) == (0.05, 1, af_type)
+
+
+def test_a_prelu_run_learns_its_slopes(shards, capsys):
+    results = run(shards, "prelu", "--afType", "prelu;att-linear")
+    model = AutoModelForCausalLM.from_pretrained(results / "prelu")
+    slopes = [m.slope.detach() for m in model.model.activations.mlp]
+    assert len(slopes) == N_LAYERS and not any(torch.all(s == 0.25) for s in slopes)  # learned, one per layer
+    assert not list(results.glob("ptAf-prelu-*"))  # lm-afs's files hold only splines
+    assert "ptAf files hold only splines" in capsys.readouterr().out
+    assert read_activations(results / "prelu" / "activations").state_dict()["mlp.0.slope"].shape == (4 * 32,)
+
+
+@pytest.mark.parametrize("flag, value, fix", [
+    ("freezeEmbeddings", "1", "drop the flag"), ("shuffleTrData", "2", "use --shuffleTrData 1"),
+    ("tieEmbeddings", "0", "drop the flag"), ("tokenDocSep", "0", "use 50256 (GPT-2's <|endoftext|>) or -1")])
+def test_unsupported_flags_say_what_to_use_instead(flag, value, fix, capsys):
+    with pytest.raises(SystemExit):
+        train_afgpt.main([f"--{flag}", value])
+    err = capsys.readouterr().err
+    assert f"--{flag} " in err and "not yet supported" in err and fix in err
+
+
+def test_accepted_but_ignored_flags_get_one_note(capsys):
+    train_afgpt.normalize(train_afgpt.LmAfsFlags(runName="x", plotMinAcc=0.1, plotMaxLoss=5.0, flexBlockSize=64))
+    out = capsys.readouterr().out
+    assert out.count("accepted, ignored") == 1 and "--plotMinAcc --plotMaxLoss --flexBlockSize accepted" in out
+    train_afgpt.normalize(train_afgpt.LmAfsFlags(runName="x"))
+    assert "ignored" not in capsys.readouterr().out

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import logging
 import math
@@ -5,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 import afgpt
-from afgpt import training
+from afgpt import cli, training
+from afgpt import data as data_lib
 from afgpt.cli import main
 from afgpt.data import write_shard
 from afgpt.ensemble import Replica
@@ -44,8 +47,9 @@ def test_activation_parameters_get_their_own_optimizer(af_lr, kind):
     weights = training.weight_optimizer(model, cfg)
     assert weights.defaults["betas"] == (0.8, 0.95) and weights.defaults["lr"] == cfg.learning_rate
     activation_ids = {id(p) for p in model.model.activations.parameters()}
-    assert not activation_ids & {id(p) for g in weights.param_groups for p in g["params"]}
-    assert id(model.model.layers[0].attn.pre_activation.weight) in {id(p) for p in weights.param_groups[0]["params"]}
+    weight_ids = {id(p) for g in weights.param_groups for p in g["params"]}
+    assert not activation_ids & weight_ids
+    assert id(model.model.layers[0].attn.pre_activation.weight) in weight_ids
     if kind is None:
         assert activations is None
         assert not any(p.requires_grad for p in model.model.activations.parameters())
@@ -54,6 +58,30 @@ def test_activation_parameters_get_their_own_optimizer(af_lr, kind):
         assert {id(p) for p in activations.param_groups[0]["params"]} == activation_ids
         if kind is torch.optim.Adam:
             assert activations.defaults["betas"] == (0.99, 0.999)
+
+
+def decay_by_name(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, float]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+
+
+def check_decay(decay: dict[str, float], weight_decay: float) -> None:
+    """Matrices decay; RMSNorm gains, biases, scalar lambdas and skip weights do not (Trainer's rule, matrices only)."""
+    for name in ("model.layers.0.attn.q_proj.weight", "model.layers.1.mlp.fc.weight", "model.embed_tokens.weight"):
+        assert decay[name] == weight_decay, name
+    for name in ("model.layers.0.attn_norm.weight", "model.embed_norm.bias", "model.layers.0.block_lambdas",
+                 "model.layers.0.attn.value_lambda", "model.skip_weights", "model.layers.0.attn.pre_activation.weight",
+                 "model.layers.0.attn.pre_activation.bias"):
+        assert decay[name] == 0.0, name
+
+
+def test_the_loops_weight_decay_spares_norms_biases_and_scalars():
+    model = afgpt.AfGPTForCausalLM(tiny_config(af_type="prelu;att-swish"))
+    optimizer = training.weight_optimizer(model, TrainConfig(weight_decay=0.1))
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decay = decay_by_name(optimizer, model)
+    check_decay(decay, 0.1)
+    assert not any(name.startswith("model.activations.") for name in decay)  # they have their own optimizer
 
 
 def test_training_run_produces_a_complete_run_directory(tmp_path, shared_data):
@@ -207,12 +235,29 @@ def test_af_trainer_gives_activations_their_own_lr_and_betas_and_plots_them(tmp_
     trainer = AfTrainer(model=model, args=args, train_dataset=RandomTokens(), af_lr=0.05, af_betas=(0.9, 0.99),
                         callbacks=[ActivationPlotCallback()])
     trainer.train()
-    groups = trainer.optimizer.param_groups
-    assert [g["lr"] for g in groups] == [1e-3, 0.05]
-    assert groups[1]["betas"] == (0.9, 0.99) and groups[0]["betas"] == (0.9, 0.999)
-    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.model.activations.parameters()}
+    *weights, activations = trainer.optimizer.param_groups
+    assert [g["lr"] for g in weights] == [1e-3, 1e-3] and activations["lr"] == 0.05
+    assert activations["betas"] == (0.9, 0.99) and all(g["betas"] == (0.9, 0.999) for g in weights)
+    assert {id(p) for p in activations["params"]} == {id(p) for p in model.model.activations.parameters()}
     assert not torch.equal(model.model.activations.mlp[0].values, before)
     assert (tmp_path / "plots" / "activations-step3.png").is_file()
+
+
+@pytest.mark.parametrize("optim, kind", [("sgd", torch.optim.SGD), ("adamw_torch", torch.optim.AdamW)])
+def test_af_trainer_follows_args_optim_and_trainers_decay_rule(tmp_path, optim, kind):
+    model = afgpt.AfGPTForCausalLM(tiny_config(af_type="prelu;att-spline"))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, optim=optim,
+                             weight_decay=0.1, learning_rate=1e-3)
+    trainer = AfTrainer(model=model, args=args, train_dataset=RandomTokens(), af_lr=0.05)
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer) is kind
+    decay = decay_by_name(optimizer, model)
+    check_decay(decay, 0.1)
+    activations = optimizer.param_groups[-1]
+    assert {id(p) for p in activations["params"]} == {id(p) for p in model.model.activations.parameters()}
+    assert activations["lr"] == 0.05 and activations["weight_decay"] == 0.0
+    assert ("betas" in activations) == (kind is torch.optim.AdamW)
+    assert set(trainer.get_decay_parameter_names(model)) == training.decay_parameter_names(model)
 
 
 def test_af_trainer_freezes_activations_with_zero_lr(tmp_path):
@@ -335,3 +380,193 @@ def test_replace_directory_keeps_the_only_complete_copy_when_interrupted_again(t
     monkeypatch.setattr(atomic.os, "replace", real_replace)
     atomic.restore_interrupted(target, old)
     assert (target / "state").read_text() == "step 10"
+
+
+# ----------------------------------------------------------------------------- issue 11: settings, resume, data
+
+TINY = dict(vocab_size=300, val_tokens=4096, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            max_steps=4, per_device_train_batch_size=4, seq_length=32, logging_steps=2, eval_steps=4,
+            eval_batches=2, save_steps=4, plotting_level=0)
+
+
+def cli_flags(**fields) -> list[str]:
+    return [item for name, value in fields.items() for item in (f"--{name.replace('_', '-')}", str(value))]
+
+
+def test_resuming_a_finished_run_says_so_and_returns_its_final_metrics(tmp_path):
+    out = str(tmp_path / "run")
+    final = train(TrainConfig(output_dir=out, **TINY))
+    main(["train", "--output-dir", out, *cli_flags(**TINY), "--resume"])  # returns: exit status 0
+    assert "already finished at step 4 (max_steps 4); nothing to do" in (tmp_path / "run" / "train.log").read_text()
+    assert train(TrainConfig(output_dir=out, **TINY), resume=True) == final
+    assert final["step"] == 4 and final["val_loss"] is not None
+
+
+def test_resume_refuses_changed_settings_naming_each_and_may_train_longer(tmp_path):
+    out = str(tmp_path / "run")
+    train(TrainConfig(output_dir=out, **TINY))  # warmup and cooldown unset: 4 // 10 = 0 and 4 // 2 = 2
+    with pytest.raises(ValueError) as error:
+        train(TrainConfig(output_dir=out, **{**TINY, "learning_rate": 1e-3, "hidden_size": 64}), resume=True)
+    message = str(error.value)
+    assert "learning_rate: 0.003 -> 0.001" in message and "hidden_size: 32 -> 64" in message
+    assert "max_steps" in message and "another --output-dir" in message
+    main(["train", "--output-dir", out, *cli_flags(**{**TINY, "max_steps": 6, "eval_steps": 3}), "--resume"])
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert (saved["max_steps"], saved["eval_steps"]) == (6, 3)  # what ran
+    assert (saved["warmup_steps"], saved["cooldown_steps"]) == (0, 2)  # unset on resume: the run's own values
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4, 6]
+    assert [r["step"] for r in records if r["kind"] == "val"] == [4, 6]
+    step6 = next(r for r in records if r["kind"] == "train" and r["step"] == 6)
+    assert step6["lr"] == pytest.approx(3e-3 * lr_factor(5, "trap", 6, 0, 2))  # the schedule of the new max_steps
+
+
+def test_tokens_per_second_and_elapsed_time_count_training_alone(tmp_path, monkeypatch):
+    """A fake clock: a training step takes 1 s, a validation or checkpoint 100 s. Every window then trains
+    at exactly one step's tokens per second, although eval_steps and save_steps are not multiples of logging_steps."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+
+    def taking(seconds, real):
+        def run(*args, **kwargs):
+            clock["now"] += seconds
+            return real(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(training, "train_step", taking(1.0, training.train_step))
+    monkeypatch.setattr(training, "validate", taking(100.0, training.validate))
+    monkeypatch.setattr(training, "save_checkpoint", taking(100.0, training.save_checkpoint))
+    train(TrainConfig(output_dir=str(tmp_path / "run"), **{**TINY, "max_steps": 12, "logging_steps": 4,
+                                                           "eval_steps": 3, "save_steps": 5}))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    speeds = {r["step"]: r["tokens_per_second"] for r in records if r["kind"] == "train"}
+    assert speeds == {4: 4 * 32, 8: 4 * 32, 12: 4 * 32}
+    assert "Step 12/12   lossTr" in (log := (tmp_path / "run" / "train.log").read_text())
+    assert "12s = 1.000s/step" in log
+
+
+def test_the_magnitude_plot_draws_the_models_spline_range(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(training, "plot_training_curves", lambda *args, **kwargs: None)
+    monkeypatch.setattr(training, "plot_activations", lambda *args, **kwargs: None)
+    monkeypatch.setattr(training, "plot_activation_magnitudes",
+                        lambda records, path, af_range=None: seen.update(af_range=af_range))
+    model = afgpt.AfGPTForCausalLM(tiny_config(af_type="spline;att-spline", af_range=4.0))  # a stage II bank's grid
+    history = [{"kind": "act", "step": 1, "layer": 0, "slot": "mlp", "mean_abs": 1.0, "max_abs": 2.0}]
+    training.save_plots(model, history, tmp_path / "plots", TrainConfig(af_range=15.0))
+    assert seen["af_range"] == 4.0
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    docs = [f"Document {i}: the quick brown fox jumps over the lazy dog, again and again." for i in range(200)]
+    return data_lib.train_tokenizer(docs, vocab_size=300)
+
+
+def shard_config(folder: Path, **fields) -> TrainConfig:
+    return TrainConfig(data=str(folder / "*_train_*.bin"), val_data=str(folder / "*_val_*.bin"), **fields)
+
+
+def test_shards_from_afgpt_prepare_keep_their_separator_and_vocabulary(tmp_path, small_tokenizer):
+    data_lib.prepare(["some text. " * 200] * 5, small_tokenizer, tmp_path / "tokens", val_tokens=200)
+    run_data = training.load_data(shard_config(tmp_path / "tokens"), tmp_path, True, lambda: None)
+    assert run_data.doc_separator == small_tokenizer.eos_token_id != 50256
+    assert run_data.vocab_size == training.padded_vocab(len(small_tokenizer)) != 50304
+    assert run_data.tokenizer.get_vocab() == small_tokenizer.get_vocab()
+
+
+def test_a_tokenizer_that_did_not_make_the_shards_is_refused(tmp_path, small_tokenizer, shared_data):
+    data_lib.prepare(["some text. " * 200] * 5, small_tokenizer, tmp_path / "tokens", val_tokens=200)
+    cfg = shard_config(tmp_path / "tokens", tokenizer=str(shared_data / "tokenizers" / "gpt2"))
+    with pytest.raises(ValueError) as error:
+        training.load_data(cfg, tmp_path, True, lambda: None)
+    message = str(error.value)
+    assert "(eos id 50256, 50257 tokens) is not the tokenizer that made the shards" in message
+    assert f"(eos id {small_tokenizer.eos_token_id}, {len(small_tokenizer)} tokens" in message
+    assert "drop --tokenizer" in message
+
+
+@pytest.fixture
+def afgpt_log(monkeypatch) -> list[str]:
+    """The messages the afgpt logger emits at INFO and above during the test."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    monkeypatch.setattr(training.logger, "handlers", [handler])
+    monkeypatch.setattr(training.logger, "level", logging.INFO)
+    return messages
+
+
+def test_shards_without_a_record_are_gpt2_tokens_said_once(tmp_path, afgpt_log, small_tokenizer):
+    write_shard(tmp_path / "x_train_000001.bin", np.arange(3000) % 50257)
+    write_shard(tmp_path / "x_val_000000.bin", np.arange(300))
+    run_data = training.load_data(shard_config(tmp_path), tmp_path, True, lambda: None)
+    assert (run_data.vocab_size, run_data.doc_separator, run_data.tokenizer) == (50304, 50256, None)
+    assert sum("taking them to be GPT-2 tokens" in message for message in afgpt_log) == 1
+    data_lib.prepare(["some text. " * 200] * 5, small_tokenizer, tmp_path / "prepared", val_tokens=200)
+    mixed = TrainConfig(data=str(tmp_path / "prepared" / "*_train_*.bin"), val_data=str(tmp_path / "x_val_*.bin"))
+    with pytest.raises(ValueError, match="different tokenizers.*no record.*one `afgpt prepare` run"):
+        training.load_data(mixed, tmp_path, True, lambda: None)
+
+
+@pytest.mark.parametrize("max_steps, warmup, cooldown", [(200, 20, 100), (10, 1, 5), (1, 0, 0)])
+def test_unset_warmup_and_cooldown_scale_with_max_steps(max_steps, warmup, cooldown):
+    cfg = TrainConfig(max_steps=max_steps)
+    assert (cfg.warmup_steps, cfg.cooldown_steps) == (warmup, cooldown)
+    assert json.loads(json.dumps(dataclasses.asdict(cfg)))["warmup_steps"] == warmup  # train_config.json
+
+
+def test_a_ten_step_smoke_run_is_a_valid_command(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(cli, "train", lambda cfg, **kwargs: seen.update(cfg=cfg))
+    main(["train", "--max-steps", "10"])
+    assert (seen["cfg"].warmup_steps, seen["cfg"].cooldown_steps) == (1, 5)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(max_steps=0), "max_steps=0 must be at least 1"),
+    (dict(max_steps=0, warmup_steps=5), "max_steps=0 must be at least 1"),  # checked first
+    (dict(max_steps=10, warmup_steps=5, cooldown_steps=6),
+     r"warmup_steps \(5\) \+ cooldown_steps \(6\) exceed max_steps \(10\): lower them, leave them unset "
+     r"\(10% and 50% of max_steps\), or raise max_steps"),
+    (dict(max_steps=10, warmup_steps=11, lr_scheduler_type="cos"),
+     r"warmup_steps \(11\) exceeds max_steps \(10\): lower it, leave it unset"),
+    (dict(warmup_steps=-1), "must be >= 0"),
+])
+def test_schedule_settings_are_checked_with_the_fix(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**fields)
+
+
+@pytest.mark.parametrize("schedule", ["warmup", "cos"])
+def test_schedules_without_cooldown_ignore_it(schedule):
+    cfg = TrainConfig(max_steps=10, warmup_steps=5, cooldown_steps=100, lr_scheduler_type=schedule)
+    assert cfg.lr_factor(9) > 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--af-type", "gleu;att-linear"], "unknown MLP activation 'gleu'"),
+    (["--hidden-size", "130"], "hidden_size=130 is not divisible by num_attention_heads=4"),
+    (["--hidden-size", "12"], "is odd: rotary embeddings need an even head size"),
+    (["--af-layer-specific", "3"], "af_layer_specific=3 is invalid"),
+    (["--af-n-anchors", "1"], "af_n_anchors=1 is invalid"),
+    (["--af-range", "0"], "af_range=0.0 is invalid"),
+    (["--tokenizer", "./no-such-tokenizer"], "tokenizer='./no-such-tokenizer' does not exist"),
+    (["--af-file", "ptAf-run-step0100.pt"], "af_file='ptAf-run-step0100.pt' does not exist"),
+    (["--data", "./no-such-dir/*_train_*.bin", "--val-data", "v.bin"], "no token shards match"),
+    (["--data", "./x_train_*.bin"], "needs val_data"),
+    (["--max-steps", "0"], "max_steps=0 must be at least 1"),
+])
+def test_settings_are_checked_before_any_work(tmp_path, capsys, monkeypatch, flags, message):
+    def never(*args, **kwargs):
+        raise AssertionError("a tokenizer or tokens were made before the settings were checked")
+
+    monkeypatch.setattr(data_lib, "train_tokenizer", never)
+    monkeypatch.setattr(data_lib, "prepare", never)
+    code, err = run_cli(["train", "--output-dir", str(tmp_path / "run"), *flags], capsys)
+    assert message in str(code)
+    assert not (tmp_path / "run").exists()  # not even the run directory
+
+
+def test_one_default_vocabulary_size():
+    assert data_lib.DEFAULT_VOCAB_SIZE == TrainConfig.vocab_size == TrainConfig().vocab_size
