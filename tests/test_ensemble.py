@@ -5,11 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 import afgpt
 from afgpt import training
 from afgpt.ensemble import Replica, build_replicas, schedule_offsets, start_steps
-from afgpt.training import TrainConfig, train
+from afgpt.training import TrainConfig, loop, train
 from conftest import tiny_config, tiny_run
 
 
@@ -66,8 +68,8 @@ def test_bank_gradient_is_the_mean_of_the_replicas_gradients():
     af_optimizer = CaptureGrads(shared, lr=0.0)
     runs = [Replica(m, r, torch.optim.SGD(training.split_parameters(r)[0], lr=0.0), iter([(x[:, :-1], x[:, 1:])]))
             for m, (r, x) in enumerate(zip(replicas, data))]
-    training.AcceleratorState._reset_state()
-    training.train_step(runs, af_optimizer, 0, training.Accelerator(mixed_precision="no"), TrainConfig())
+    AcceleratorState._reset_state()
+    training.train_step(runs, af_optimizer, 0, Accelerator(mixed_precision="no"), TrainConfig())
     assert len(af_optimizer.seen) == len(shared) == 8
     for got, g0, g1 in zip(af_optimizer.seen, *separate):
         assert g0.abs().sum() > 0 and not torch.allclose(g0, g1)
@@ -135,8 +137,8 @@ def stage_two_replicas(tmp_path, af_lr: float):
     cfg = TrainConfig(af_type="spline;att-spline", af_layer_specific=0, num_hidden_layers=3, hidden_size=32,
                       num_attention_heads=2, seq_length=16, af_file=str(tmp_path / "bank"), af_lr=af_lr)
     run_data = training.RunData(np.zeros(1000, dtype=np.uint16), np.zeros(100, dtype=np.uint16), None, 97, None)
-    training.AcceleratorState._reset_state()
-    replicas, af_optimizer = training.build_replica_set(cfg, run_data, training.Accelerator(mixed_precision="no"))
+    AcceleratorState._reset_state()
+    replicas, af_optimizer = training.build_replica_set(cfg, run_data, Accelerator(mixed_precision="no"))
     return learned, replicas, af_optimizer
 
 
@@ -164,9 +166,9 @@ def test_stage_two_refuses_a_bank_that_does_not_fit(tmp_path):
     cfg = TrainConfig(af_type="spline;att-linear", num_hidden_layers=4, hidden_size=32, num_attention_heads=2,
                       seq_length=16, af_file=str(tmp_path / "bank"))
     run_data = training.RunData(np.zeros(1000, dtype=np.uint16), np.zeros(100, dtype=np.uint16), None, 97, None)
-    training.AcceleratorState._reset_state()
+    AcceleratorState._reset_state()
     with pytest.raises(ValueError, match="attention activation: the bank holds 'spline'"):
-        training.build_replica_set(cfg, run_data, training.Accelerator(mixed_precision="no"))
+        training.build_replica_set(cfg, run_data, Accelerator(mixed_precision="no"))
 
 
 def test_stage_one_resumes_exactly(tmp_path, shared_data, monkeypatch):
@@ -183,10 +185,10 @@ def test_stage_one_resumes_exactly(tmp_path, shared_data, monkeypatch):
         return real_step(*args, **kwargs)
 
     cfg = tiny_run(tmp_path / "b", shared_data, **fields)
-    monkeypatch.setattr(training, "train_step", killed_at_step_ten)
+    monkeypatch.setattr(loop, "train_step", killed_at_step_ten)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
-    monkeypatch.setattr(training, "train_step", real_step)
+    monkeypatch.setattr(loop, "train_step", real_step)
     resumed = train(cfg, resume=True)
     assert (resumed["train_loss"], resumed["val_loss"]) == (reference["train_loss"], reference["val_loss"])
 

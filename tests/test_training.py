@@ -11,6 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 import afgpt
@@ -19,6 +21,7 @@ from afgpt import data as data_lib
 from afgpt.cli import main
 from afgpt.data import write_shard
 from afgpt.ensemble import Replica
+from afgpt.training import loop, monitors
 from afgpt.training import AfTrainer, ActivationPlotCallback, TrainConfig, lr_factor, train
 from conftest import RandomTokens, tiny_config, tiny_run
 
@@ -126,16 +129,43 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, shared_dat
         return real_step(*args, **kwargs)
 
     cfg = tiny_run(tmp_path / "b", shared_data, af_type="spline;att-linear", max_steps=20, save_steps=5, eval_steps=20)
-    monkeypatch.setattr(training, "train_step", crash_at_step_13)
+    monkeypatch.setattr(loop, "train_step", crash_at_step_13)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
-    monkeypatch.setattr(training, "train_step", real_step)
+    monkeypatch.setattr(loop, "train_step", real_step)
     resumed = train(cfg, resume=True)
     assert resumed["train_loss"] == reference["train_loss"]
     assert resumed["val_loss"] == reference["val_loss"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert steps == [5, 10, 15, 20]  # no duplicated records from the killed part
+
+
+def test_train_trains_and_saves_the_models_a_factory_makes(tmp_path, shared_data):
+    """train(model_factory=...) trains what the factory builds (seeded with seed + m), not the AfGPT of cfg's fields."""
+    built, seeds, initial = {}, {}, {}
+
+    def factory(m: int) -> afgpt.AfGPTForCausalLM:
+        seeds[m] = torch.initial_seed()
+        built[m] = afgpt.AfGPTForCausalLM(tiny_config(vocab_size=384, hidden_size=48, num_hidden_layers=3,
+                                                       max_position_embeddings=32, af_type="spline;att-linear"))
+        initial[m] = {k: v.clone() for k, v in built[m].state_dict().items()}
+        return built[m]
+
+    cfg = tiny_run(tmp_path, shared_data, af_type="spline;att-linear", n_models=2, staggered_starts=0, seed=3,
+                   max_steps=6, warmup_steps=1, cooldown_steps=2, logging_steps=3, eval_steps=6, save_steps=6)
+    final = train(cfg, model_factory=factory)
+    assert seeds == {0: 3, 1: 4} and math.isfinite(final["val_loss"])
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    assert (saved.config.hidden_size, saved.config.num_hidden_layers) == (48, 3) != (cfg.hidden_size,
+                                                                                     cfg.num_hidden_layers)
+    trained = built[0].state_dict()
+    assert saved.state_dict().keys() == trained.keys()
+    for name, tensor in saved.state_dict().items():
+        torch.testing.assert_close(tensor, trained[name], rtol=0, atol=0)
+    assert not torch.equal(trained["model.layers.0.mlp.fc.weight"], initial[0]["model.layers.0.mlp.fc.weight"])
+    assert not torch.equal(built[1].state_dict()["model.layers.0.mlp.fc.weight"],
+                           initial[1]["model.layers.0.mlp.fc.weight"])  # replica 1 trained too
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, shared_data, monkeypatch):
@@ -155,7 +185,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
         model.model.register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(training, "build_model", poisoned)
+    monkeypatch.setattr(loop, "build_model", poisoned)
     with pytest.raises(training.TrainingDiverged, match="loss is nan at step 8") as error:
         train(cfg)
     assert "checkpoint" in str(error.value)
@@ -286,13 +316,13 @@ def test_two_processes_under_accelerate_launch(tmp_path, shared_data):
 
 def test_bf16_accumulation_and_clipping_run(tmp_path, shared_data, monkeypatch):
     seen = {}
-    real_clip = training.Accelerator.clip_grad_norm_
+    real_clip = Accelerator.clip_grad_norm_
 
     def clip(self, parameters, max_norm, *args, **kwargs):
         seen["max_norm"] = max_norm
         return real_clip(self, parameters, max_norm, *args, **kwargs)
 
-    monkeypatch.setattr(training.Accelerator, "clip_grad_norm_", clip)
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip)
     cfg = tiny_run(tmp_path, shared_data, af_type="spline;att-spline", mixed_precision="bf16",
                    gradient_accumulation_steps=2, max_grad_norm=1.0, max_steps=6, warmup_steps=1,
                    cooldown_steps=2, eval_steps=6, logging_steps=3)
@@ -308,7 +338,7 @@ def test_bf16_accumulation_and_clipping_run(tmp_path, shared_data, monkeypatch):
     (False, "bf16", "cpu", True), (True, "bf16", "cpu", False),
     (False, "no", "cpu", False), (False, "bf16", "cuda", False)])
 def test_warns_when_bf16_matmuls_would_be_emulated(monkeypatch, caplog, native, precision, device, warned):
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(monitors, "cpu_has_native_bf16", lambda: native)
     monkeypatch.setattr(training.logger, "propagate", True)  # a run in this process turned it off
     with caplog.at_level(logging.WARNING, logger="afgpt"):
         training.warn_if_bf16_is_emulated(precision, torch.device(device))
@@ -332,8 +362,8 @@ def test_gradient_accumulation_matches_one_large_batch():
     model.zero_grad()
     optimizer = CaptureGrads(model.parameters(), lr=0.0)
     halves = iter([(inputs[:2], labels[:2]), (inputs[2:], labels[2:])])
-    training.AcceleratorState._reset_state()
-    training.train_step([Replica(0, model, optimizer, halves)], None, 0, training.Accelerator(mixed_precision="no"),
+    AcceleratorState._reset_state()
+    training.train_step([Replica(0, model, optimizer, halves)], None, 0, Accelerator(mixed_precision="no"),
                         TrainConfig(gradient_accumulation_steps=2))
     assert reference.keys() == optimizer.seen.keys()
     for key, grad in reference.items():
@@ -425,7 +455,7 @@ def test_tokens_per_second_and_elapsed_time_count_training_alone(tmp_path, monke
     """A fake clock: a training step takes 1 s, a validation or checkpoint 100 s. Every window then trains
     at exactly one step's tokens per second, although eval_steps and save_steps are not multiples of logging_steps."""
     clock = {"now": 0.0}
-    monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    monkeypatch.setattr(monitors, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
 
     def taking(seconds, real):
         def run(*args, **kwargs):
@@ -433,9 +463,9 @@ def test_tokens_per_second_and_elapsed_time_count_training_alone(tmp_path, monke
             return real(*args, **kwargs)
         return run
 
-    monkeypatch.setattr(training, "train_step", taking(1.0, training.train_step))
-    monkeypatch.setattr(training, "validate", taking(100.0, training.validate))
-    monkeypatch.setattr(training, "save_checkpoint", taking(100.0, training.save_checkpoint))
+    monkeypatch.setattr(loop, "train_step", taking(1.0, training.train_step))
+    monkeypatch.setattr(loop, "validate", taking(100.0, training.validate))
+    monkeypatch.setattr(loop, "save_checkpoint", taking(100.0, training.save_checkpoint))
     train(TrainConfig(output_dir=str(tmp_path / "run"), **{**TINY, "max_steps": 12, "logging_steps": 4,
                                                            "eval_steps": 3, "save_steps": 5}))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -447,9 +477,9 @@ def test_tokens_per_second_and_elapsed_time_count_training_alone(tmp_path, monke
 
 def test_the_magnitude_plot_draws_the_models_spline_range(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(training, "plot_training_curves", lambda *args, **kwargs: None)
-    monkeypatch.setattr(training, "plot_activations", lambda *args, **kwargs: None)
-    monkeypatch.setattr(training, "plot_activation_magnitudes",
+    monkeypatch.setattr(monitors, "plot_training_curves", lambda *args, **kwargs: None)
+    monkeypatch.setattr(monitors, "plot_activations", lambda *args, **kwargs: None)
+    monkeypatch.setattr(monitors, "plot_activation_magnitudes",
                         lambda records, path, af_range=None: seen.update(af_range=af_range))
     model = afgpt.AfGPTForCausalLM(tiny_config(af_type="spline;att-spline", af_range=4.0))  # a stage II bank's grid
     history = [{"kind": "act", "step": 1, "layer": 0, "slot": "mlp", "mean_abs": 1.0, "max_abs": 2.0}]

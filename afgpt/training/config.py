@@ -1,0 +1,210 @@
+"""TrainConfig: every setting of a training run (with its `afgpt train --help` text and checks), and
+lm-afs's learning-rate schedules."""
+import glob
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import data as data_lib
+from ..activations import ACTIVATION_NAMES
+from ..configuration_afgpt import AfGPTConfig
+from ..ensemble import start_steps
+from ..hub import FILE_SUFFIXES as ACTIVATION_FILE_SUFFIXES
+from ..paths import looks_like_path
+
+LR_SCHEDULES = ("trap", "warmup", "cos")
+COS_MIN_FACTOR = 5e-4
+WARMUP_PERCENT, COOLDOWN_PERCENT = 10, 50  # of max_steps, for warmup/cooldown left unset (200 steps: 20 and 100)
+POSITIVE_FIELDS = ("max_steps", "per_device_train_batch_size", "seq_length", "gradient_accumulation_steps",
+                   "logging_steps", "eval_steps", "save_steps", "eval_batches", "val_tokens")
+RESUMABLE_FIELDS = ("max_steps", "logging_steps", "eval_steps", "save_steps", "save_af_steps", "plotting_level",
+                    "log_file")
+
+
+def option(default, help_text: str):
+    """A TrainConfig field with its `afgpt train --help` text (transformers.TrainingArguments' convention)."""
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved as train_config.json in the run directory.
+
+    Defaults train a small model on the built-in corpus in a few minutes on two CPU cores.
+    Optimisation defaults are lm-afs's (Adam betas (0.8, 0.95), activations with their own Adam).
+    warmup_steps and cooldown_steps left unset (None) become 10% and 50% of max_steps, so any run
+    length works; train_config.json records the values that ran. Every setting is checked here
+    (whether local inputs exist, when train() starts), before any data is read or tokenizer trained.
+
+    A --resume may change only RESUMABLE_FIELDS: max_steps (train longer; the schedule then uses
+    the new max_steps, with the run's warmup and cooldown unless given), the logging, evaluation
+    and saving cadence, plotting_level and log_file; any other change is refused.
+    """
+
+    output_dir: str = option("runs/afgpt", "run directory; `afgpt train` without this flag starts a new run in "
+                                           "runs/<date-time>, and --resume without it looks in the default")
+    # data
+    data: str = option(data_lib.BUILTIN_PYDOC,
+                       "training text: a .txt/.jsonl/.json(.gz) file or folder, 'builtin:pydoc' (Python's "
+                       "documentation, on every machine), a Hugging Face dataset name, or a glob of .bin token "
+                       "shards")
+    val_data: str | None = option(None, "glob of .bin validation shards, needed with .bin --data (default: none; "
+                                        "text data keeps its first --val-tokens tokens for validation)")
+    text_field: str = option("text", "field that holds the text in .jsonl/.json records and Hub datasets")
+    tokenizer: str | None = option(None, "tokenizer folder or Hub name (default: train a byte-level BPE of "
+                                         "--vocab-size tokens on the data; for .bin shards, the tokenizer "
+                                         "`afgpt prepare` saved beside them, else GPT-2's)")
+    vocab_size: int = option(data_lib.DEFAULT_VOCAB_SIZE, "size of the BPE tokenizer trained on the data when "
+                                                          "there is no --tokenizer")
+    val_tokens: int = option(32768, "tokens of text data held out for validation")
+    # model
+    model_name_or_path: str | None = option(None, "continue from a saved AfGPT (folder or Hub name) instead of a "
+                                                  "fresh model; the model flags below are then unused (default: "
+                                                  "a fresh model)")
+    hidden_size: int = option(128, "model width")
+    num_hidden_layers: int = option(4, "number of transformer layers")
+    num_attention_heads: int = option(4, "attention heads; they must divide --hidden-size into an even head size")
+    af_type: str = option("gelu;att-linear",
+                          "activation spec '<mlp>;att-<att>', e.g. 'gelu;att-linear' (baseline) or "
+                          "'spline;att-spline'; names: " + " ".join(ACTIVATION_NAMES) + ", and att-none")
+    af_layer_specific: int = option(1, "0 one activation per slot shared by all layers, 1 one per layer, 2 first "
+                                       "and last layers own theirs and the middle layers share one")
+    af_range: float = option(15.0, "splines: anchors evenly spaced on [-af_range, af_range]")
+    af_n_anchors: int = option(64, "splines: number of anchors")
+    af_init: float = option(0.01, "splines: initial constant value, or -1 to start as the identity")
+    context_size: int | None = option(None, "sliding attention window in tokens (default: full causal attention)")
+    doc_masking: bool = option(True, "keep attention inside documents (lm-afs)")
+    # optimisation
+    max_steps: int = option(200, "optimizer steps (the default is ~4 epochs of the built-in corpus; more only "
+                                 "memorises it); --resume may raise it to train longer")
+    per_device_train_batch_size: int = option(16, "sequences per micro-batch and process")
+    seq_length: int = option(128, "tokens per sequence")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    learning_rate: float = option(3e-3, "peak learning rate of the weights (lm-afs uses 6e-4 for 16M parameters; "
+                                        "tiny models take more)")
+    adam_beta1: float = option(0.8, "the weights' Adam beta1")
+    adam_beta2: float = option(0.95, "the weights' Adam beta2")
+    weight_decay: float = option(0.0, "AdamW weight decay of the weight matrices (norm gains, biases, scalars and "
+                                      "activations are never decayed)")
+    lr_scheduler_type: str = option("trap", "trap (warmup, constant, linear cooldown), warmup (warmup, then "
+                                            "constant) or cos (warmup, then cosine decay)")
+    warmup_steps: int | None = option(None, "linear warmup steps (default: 10% of --max-steps)")
+    cooldown_steps: int | None = option(None, "trap: linear cooldown steps at the end (default: 50% of "
+                                              "--max-steps)")
+    max_grad_norm: float = option(0.0, "gradient clipping norm (0: no clipping)")
+    af_lr: float = option(0.1, "activation learning rate: > 0 Adam, < 0 SGD with |af_lr|, 0 frozen")
+    af_adam_beta1: float = option(0.99, "the activations' Adam beta1")
+    af_adam_beta2: float = option(0.999, "the activations' Adam beta2")
+    af_file: str | None = option(None, "stage II: learned activations to load (bank dir, run dir, lm-afs ptAf "
+                                       ".pt/.csv, or Hub repo id), frozen when --af-lr is 0 (default: none)")
+    # stage I: replicas sharing the learnable activations (lm-afs's multi-model training)
+    n_models: int = option(1, "stage I: number of replicas sharing the learnable activations")
+    staggered_starts: int = option(2, "stage I: 0 all start at once, 1 staggered starts with a common schedule, "
+                                      "2 staggered starts, each replica with its own schedule")
+    same_data_across_models: bool = option(False, "stage I: all replicas read the same batches")
+    same_init_across_models: bool = option(False, "stage I: all replicas start from replica 0's weights")
+    mixed_precision: str = option("no", "'no' (fp32) or 'bf16' autocast (fast on GPUs and on CPUs with "
+                                        "AVX-512/AMX)")
+    seed: int = option(0, "random seed (replica m of stage I uses seed + m)")
+    # logging and checkpoints
+    logging_steps: int = option(10, "log the training loss every N steps")
+    eval_steps: int = option(50, "validate and plot every N steps")
+    eval_batches: int = option(8, "validation batches per evaluation")
+    save_steps: int = option(100, "save a resumable checkpoint every N steps")
+    save_af_steps: int = option(0, "also save the activations every N steps into activation_snapshots/ (0: only "
+                                   "at the end)")
+    plotting_level: int = option(2, "0 no plots, 1 loss/accuracy and activations, 2 + activation magnitudes")
+    run_name: str = option("", "name in plot titles and in the activations' provenance (default: the output "
+                               "directory)")
+    log_file: str | None = option(None, "log file (default: <output-dir>/train.log)")
+
+    def __post_init__(self):
+        for name in POSITIVE_FIELDS:  # first: the checks below compare with these
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        # left unset: scaled to max_steps here, and on --resume the run's saved values are kept
+        self.scaled_defaults = {name for name in ("warmup_steps", "cooldown_steps") if getattr(self, name) is None}
+        if self.warmup_steps is None:
+            self.warmup_steps = self.max_steps * WARMUP_PERCENT // 100
+        if self.cooldown_steps is None:
+            self.cooldown_steps = self.max_steps * COOLDOWN_PERCENT // 100
+        self._check_schedule()
+        if self.plotting_level not in (0, 1, 2):
+            raise ValueError(f"plotting_level={self.plotting_level}: use 0 (none), 1 (curves, activations) or 2 "
+                             "(+ activation magnitudes)")
+        if self.save_af_steps < 0:
+            raise ValueError(f"save_af_steps={self.save_af_steps} must be >= 0 (0 saves only the final activations)")
+        start_steps(self.n_models, self.max_steps, self.staggered_starts)  # validates both
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision={self.mixed_precision!r}: use 'no' or 'bf16'")
+        if self.data.endswith(".bin") and not self.val_data:
+            raise ValueError("training on .bin shards needs val_data (--val-data, a glob of validation shards)")
+        self.model_config(vocab_size=1)  # AfGPTConfig checks the model fields, with its own messages
+
+    def _check_schedule(self) -> None:
+        """The learning-rate schedule must fit in max_steps; only trap has a cooldown."""
+        if self.lr_scheduler_type not in LR_SCHEDULES:
+            raise ValueError(f"lr_scheduler_type={self.lr_scheduler_type!r}: choose one of {', '.join(LR_SCHEDULES)}")
+        if self.warmup_steps < 0 or self.cooldown_steps < 0:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) and cooldown_steps ({self.cooldown_steps}) must be "
+                             ">= 0; or leave them unset (10% and 50% of max_steps)")
+        if self.lr_scheduler_type == "trap" and self.warmup_steps + self.cooldown_steps > self.max_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) + cooldown_steps ({self.cooldown_steps}) exceed max_steps "
+                f"({self.max_steps}): lower them, leave them unset (10% and 50% of max_steps), or raise max_steps")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps}): lower it, "
+                             "leave it unset (10% of max_steps), or raise max_steps")
+
+    def model_config(self, vocab_size: int, af_range: float | None = None, af_n_anchors: int | None = None,
+                     **kwargs) -> AfGPTConfig:
+        """The AfGPTConfig of a fresh model of this run; a stage II bank may set the anchor grid."""
+        return AfGPTConfig(
+            vocab_size=vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, max_position_embeddings=self.seq_length,
+            af_type=self.af_type, af_layer_specific=self.af_layer_specific,
+            af_range=self.af_range if af_range is None else af_range,
+            af_n_anchors=self.af_n_anchors if af_n_anchors is None else af_n_anchors, af_init=self.af_init,
+            context_size=self.context_size, **kwargs)
+
+    def lr_factor(self, step: int) -> float:
+        """The schedule's multiplier at `step` (0 before a replica's schedule starts)."""
+        return lr_factor(step, self.lr_scheduler_type, self.max_steps, self.warmup_steps, self.cooldown_steps)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrainConfig":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def lr_factor(step: int, schedule: str, max_steps: int, warmup: int, cooldown: int) -> float:
+    """lm-afs's learning-rate multiplier at `step` (0-based): linear warmup, then trap/warmup/cos."""
+    if step < 0:
+        return 0.0
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "warmup":
+        return 1.0
+    if schedule == "cos":
+        progress = (step - warmup) / max(1, max_steps - warmup)
+        return COS_MIN_FACTOR + 0.5 * (1 - COS_MIN_FACTOR) * (1 + math.cos(math.pi * progress))
+    if step < max_steps - cooldown:
+        return 1.0
+    return (max_steps - step) / cooldown
+
+
+def check_inputs_exist(cfg: TrainConfig) -> None:
+    """Missing local inputs fail before the run directory, a tokenizer or tokens are made."""
+    for name in ("data", "val_data"):
+        pattern = getattr(cfg, name)
+        if pattern and pattern.endswith(".bin") and not glob.glob(os.path.expanduser(pattern)):
+            raise FileNotFoundError(f"{name}={pattern!r}: no token shards match; check the path or glob")
+    suffixes = {"data": data_lib.CORPUS_SUFFIXES, "tokenizer": data_lib.CORPUS_SUFFIXES, "model_name_or_path": (),
+                "af_file": ACTIVATION_FILE_SUFFIXES}  # a missing name written like this is not a Hub id
+    for name, file_suffixes in suffixes.items():
+        path = getattr(cfg, name)
+        if (path and not path.endswith(".bin") and path != data_lib.BUILTIN_PYDOC
+                and not Path(path).expanduser().exists() and looks_like_path(path, file_suffixes)):
+            raise FileNotFoundError(f"{name}={path!r} does not exist; check the path")
+

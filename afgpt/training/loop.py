@@ -1,0 +1,338 @@
+"""The training loop on Accelerate: train() builds the models (AfGPT, or what a model factory makes), their
+optimizers and data, and runs lm-afs's schedules with resumable checkpoints, logs, metrics and plots.
+
+A run directory holds everything a paper needs: train_config.json, the tokenizer, the final model
+(loadable with AutoModelForCausalLM.from_pretrained(run_dir)), the learned activations, train.log,
+metrics.jsonl, plots/*.png, and checkpoint/ (the latest resumable state).
+"""
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from .. import data as data_lib
+from ..atomic import write_text_atomically
+from ..bank import ActivationBank
+from ..ensemble import Replica, average_shared_gradients, build_replicas, schedule_offsets, start_steps
+from ..hub import load_activations
+from ..losses import token_accuracy
+from ..modeling_afgpt import AfGPTForCausalLM
+from .config import TrainConfig, check_inputs_exist
+from .monitors import ActivationMagnitudes, Throughput, evaluate, save_plots, warn_if_bf16_is_emulated
+from .optimizers import activation_optimizer, set_learning_rate, weight_optimizer
+from .rundata import RunData, load_data
+from .rundir import MetricsWriter, prepare_run_directory, resumed_config, save_bank, save_checkpoint, setup_logging
+
+logger = logging.getLogger("afgpt")
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the run stopped before the bad update."""
+
+
+@dataclass
+class RunState:
+    """The loop's own progress, checkpointed next to model, optimizers and data position."""
+
+    step: int = 0
+    elapsed: float = 0.0
+    history: list = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "elapsed": self.elapsed, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.elapsed, self.history = state["step"], state["elapsed"], state["history"]
+
+
+def build_model(cfg: TrainConfig, run_data: RunData, bank: ActivationBank | None = None) -> AfGPTForCausalLM:
+    """A fresh AfGPT as `cfg` describes (or the saved one it names); a stage II bank sets the anchor grid."""
+    if cfg.model_name_or_path:
+        model = AfGPTForCausalLM.from_pretrained(cfg.model_name_or_path)
+        if model.config.vocab_size < run_data.vocab_size:
+            raise ValueError(
+                f"model {cfg.model_name_or_path} has vocab_size {model.config.vocab_size} but the tokenizer has "
+                f"{run_data.vocab_size} tokens: use the tokenizer the model was trained with")
+        return model
+    grid = bank.config if bank is not None else cfg
+    config = cfg.model_config(
+        run_data.vocab_size, af_range=grid.af_range, af_n_anchors=grid.af_n_anchors,
+        doc_separator_token_id=run_data.doc_separator,
+        eos_token_id=run_data.tokenizer.eos_token_id if run_data.tokenizer else None,
+        bos_token_id=run_data.tokenizer.bos_token_id if run_data.tokenizer else None)
+    return AfGPTForCausalLM(config)
+
+
+def load_bank(cfg: TrainConfig) -> ActivationBank | None:
+    """Stage II: the learned activations named by --af-file, checked against the requested model."""
+    if not cfg.af_file:
+        return None
+    bank = load_activations(cfg.af_file, num_hidden_layers=cfg.num_hidden_layers, af_type=cfg.af_type,
+                            af_layer_specific=cfg.af_layer_specific)
+    mode = "frozen" if cfg.af_lr == 0 else f"fine-tuned with af_lr {cfg.af_lr}"
+    logger.info(f"loaded activations from {cfg.af_file} ({bank.config.af_type}, {mode})")
+    return bank
+
+
+def build_replica_set(cfg: TrainConfig, run_data: RunData, accelerator: Accelerator,
+                      model_factory: Callable[[int], torch.nn.Module] | None = None
+                      ) -> tuple[list[Replica], torch.optim.Optimizer | None]:
+    """The run's models (one, or stage I replicas sharing their activations) with optimizers and data.
+
+    Replica m draws its weights under seed + m and reads data stream m; with one model this is plain
+    training. `model_factory(m)` makes replica m's model (default: the AfGPT that `cfg` describes,
+    build_model). Everything is passed through `accelerator.prepare`.
+    """
+    if cfg.n_models > 1 and accelerator.num_processes > 1:
+        raise ValueError(f"n_models={cfg.n_models}: stage I replicas train in one process; launch without "
+                         "multiple processes (or train one model per process with n_models=1)")
+    bank = load_bank(cfg)
+
+    def make_model(m: int) -> torch.nn.Module:
+        set_seed(cfg.seed + m)
+        return build_model(cfg, run_data, bank) if model_factory is None else model_factory(m)
+
+    models = build_replicas(make_model, cfg.n_models, cfg.same_init_across_models)
+    if bank is not None:
+        bank.load_into(models[0], freeze=cfg.af_lr == 0)  # replica 0's activations are everyone's
+    af_optimizer = activation_optimizer(models[0].base_model.activations, cfg)
+    optimizers = [weight_optimizer(model, cfg) for model in models]
+    prepared = accelerator.prepare(*models, *optimizers, *([af_optimizer] if af_optimizer else []))
+    models, optimizers = prepared[:cfg.n_models], prepared[cfg.n_models:2 * cfg.n_models]
+    af_optimizer = prepared[-1] if af_optimizer else None
+
+    streams = [data_lib.TokenBatches(run_data.train, cfg.per_device_train_batch_size, cfg.seq_length, seed=cfg.seed,
+                                     stream=m, rank=accelerator.process_index, world_size=accelerator.num_processes)
+               for m in range(1 if cfg.same_data_across_models else cfg.n_models)]
+    starts = start_steps(cfg.n_models, cfg.max_steps, cfg.staggered_starts)
+    offsets = schedule_offsets(starts, cfg.staggered_starts)
+    replicas = [Replica(m, models[m], optimizers[m], streams[m % len(streams)], starts[m], offsets[m])
+                for m in range(cfg.n_models)]
+    return replicas, af_optimizer
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+          model_factory: Callable[[int], torch.nn.Module] | None = None) -> dict:
+    """Train AfGPT as `cfg` says; returns the final metrics. Multi-process under `accelerate launch`.
+
+    `model_factory(m)`, if given, makes replica m's model instead of the AfGPT that cfg's model fields describe;
+    it is called after seeding with cfg.seed + m (the models it makes are trained, evaluated and saved like AfGPT:
+    they take shift_labels, and their activations are at model.base_model.activations).
+
+    With n_models > 1 this is stage I of activation discovery: replicas sharing one set of activations;
+    evaluation, plots and saved files use replica 0, as in lm-afs. `resume` continues the run in
+    cfg.output_dir (see TrainConfig for what may change); a finished run is left as it is.
+    """
+    check_inputs_exist(cfg)
+    AcceleratorState._reset_state()  # a singleton: without this, a second run inherits the first's precision
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    is_main = accelerator.is_main_process
+    out = prepare_run_directory(cfg, resume, overwrite) if is_main else Path(cfg.output_dir)
+    accelerator.wait_for_everyone()
+    if resume:
+        cfg = resumed_config(cfg, TrainConfig.load(out / "train_config.json"))
+    setup_logging(Path(cfg.log_file) if cfg.log_file else out / "train.log", is_main)
+    if is_main and not resume:
+        write_text_atomically(out / "train_config.json", json.dumps(asdict(cfg), indent=2))
+    logger.info(f"afgpt train: {accelerator.num_processes} process(es), device {accelerator.device}, "
+                f"mixed precision {cfg.mixed_precision}, output {out}")
+    warn_if_bf16_is_emulated(cfg.mixed_precision, accelerator.device)
+
+    set_seed(cfg.seed)
+    run_data = load_data(cfg, out, is_main, accelerator.wait_for_everyone)
+    replicas, af_optimizer = build_replica_set(cfg, run_data, accelerator, model_factory)
+    state = RunState()
+    streams = list({id(r.batches): r.batches for r in replicas}.values())
+    accelerator.register_for_checkpointing(*streams, state)
+    model = accelerator.unwrap_model(replicas[0].model)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(f"model: {n_params:,} parameters, af_type {cfg.af_type}, vocab {run_data.vocab_size}, "
+                f"{len(run_data.train):,} training tokens")
+    if cfg.n_models > 1:
+        logger.info(f"stage I: {cfg.n_models} replicas sharing their activations, start steps "
+                    f"{[r.start for r in replicas]}, staggered_starts {cfg.staggered_starts}")
+    if resume:
+        accelerator.load_state(str(out / "checkpoint"))
+        logger.info(f"resumed from {out / 'checkpoint'} at step {state.step}")
+        if state.step >= cfg.max_steps:
+            return finished_run(cfg, state, accelerator, out)
+        if is_main:  # what this run now does: a longer max_steps, other cadences
+            write_text_atomically(out / "train_config.json", json.dumps(asdict(cfg), indent=2))
+    metrics = MetricsWriter(out / "metrics.jsonl", state.history, is_main)
+    if resume:
+        metrics.rewrite()
+
+    provenance = {"run": cfg.run_name or str(out), "af_type": cfg.af_type, "sharing": cfg.af_layer_specific,
+                  "n_models": cfg.n_models, "staggered_starts": cfg.staggered_starts, "data": cfg.data,
+                  "seed": cfg.seed, "af_lr": cfg.af_lr, "af_file": cfg.af_file}
+    tokens_per_step = cfg.per_device_train_batch_size * cfg.seq_length * cfg.gradient_accumulation_steps \
+        * accelerator.num_processes
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not is_main, desc="training", unit="step")
+    window = Throughput()
+    for replica in replicas:
+        replica.model.train()
+    while state.step < cfg.max_steps:
+        step = state.step
+        results = train_step(replicas, af_optimizer, step, accelerator, cfg)
+        for index, (loss, _) in results.items():
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss is {loss} at step {step + 1}{f' (replica {index})' if cfg.n_models > 1 else ''}: training "
+                    f"stopped before applying that update. The last good checkpoint is {out / 'checkpoint'} (resume "
+                    "with --resume); try a lower learning rate, --max-grad-norm, or mixed precision 'no'")
+        state.step += 1
+        window.add(len(results) * tokens_per_step)
+        bar.update(1)
+        last = state.step == cfg.max_steps
+        if state.step % cfg.logging_steps == 0 or last:
+            seconds, tokens = window.take()
+            state.elapsed += seconds
+            log_training(results, replicas, state, tokens / seconds, metrics, bar, cfg)
+        with window.paused():  # validation, plots and checkpoints are not training time
+            if state.step % cfg.eval_steps == 0 or last:
+                validate(model, run_data.val, cfg, metrics, state.step)
+                if is_main:
+                    save_plots(model, state.history, out / "plots", cfg)
+            if cfg.save_af_steps and state.step % cfg.save_af_steps == 0 and not last and is_main:
+                snapshot = out / "activation_snapshots" / f"step-{state.step:06d}"
+                save_bank(model, snapshot, {**provenance, "steps": state.step})
+            if state.step % cfg.save_steps == 0 and not last:
+                save_checkpoint(accelerator, out)
+    bar.close()
+    save_checkpoint(accelerator, out)
+    final = final_metrics(state.history, state.step, accelerator.num_processes)
+    if is_main:
+        save_final(model, run_data, out, {**provenance, "steps": state.step, "final_val_loss": final["val_loss"]})
+    accelerator.wait_for_everyone()
+    logger.info(f"done: {json.dumps(final)}; model saved in {out}")
+    accelerator.end_training()
+    return final
+
+
+def finished_run(cfg: TrainConfig, state: RunState, accelerator: Accelerator, out: Path) -> dict:
+    """--resume of a run that already reached max_steps: nothing to train; its final metrics."""
+    if state.step > cfg.max_steps:
+        raise ValueError(f"--resume: the run in {out} is at step {state.step}, past max_steps={cfg.max_steps}: pass "
+                         f"max_steps >= {state.step} (larger to train longer)")
+    final = final_metrics(state.history, state.step, accelerator.num_processes)
+    logger.info(f"the run in {out} already finished at step {state.step} (max_steps {cfg.max_steps}); nothing to do "
+                f"(pass a larger --max-steps to train longer): {json.dumps(final)}")
+    accelerator.end_training()
+    return final
+
+
+def log_training(results: dict[int, tuple[float, float]], replicas: list[Replica], state: RunState, speed: float,
+                 metrics: MetricsWriter, bar: tqdm, cfg: TrainConfig) -> None:
+    """The training records, progress bar and log lines of a logging step."""
+    metrics.write(*train_records(results, replicas, state.step, speed, cfg))
+    loss, accuracy = results[0]
+    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:,.0f}",
+                    **({"replicas": f"{len(results)}/{cfg.n_models}"} if cfg.n_models > 1 else {}))
+    logger.info(f"Step {state.step}/{cfg.max_steps}   lossTr {loss:.4f}   accTr {100 * accuracy:.1f}   "
+                f"{state.elapsed:.0f}s = {state.elapsed / state.step:.3f}s/step   {speed:,.0f} tokens/s")
+    if cfg.n_models > 1:
+        losses = " ".join(f"{results[r.index][0]:.4f}" if r.index in results else "-" for r in replicas)
+        logger.info(f"Step {state.step}/{cfg.max_steps}   replicas {len(results)}/{cfg.n_models} active   "
+                    f"lossTr per replica: {losses}")
+
+
+def train_records(results: dict[int, tuple[float, float]], replicas: list[Replica], step: int, speed: float,
+                  cfg: TrainConfig) -> list[dict]:
+    """metrics.jsonl "train" records: one per active replica (with a "replica" field in stage I)."""
+    records = []
+    for replica in replicas:
+        if replica.index in results:
+            loss, accuracy = results[replica.index]
+            record = {"kind": "train", "step": step, "loss": loss, "accuracy": accuracy,
+                      "lr": replica.optimizer.param_groups[0]["lr"], "tokens_per_second": speed}
+            records.append(record if cfg.n_models == 1 else {**record, "replica": replica.index})
+    return records
+
+
+def train_step(replicas: list[Replica], af_optimizer: torch.optim.Optimizer | None, step: int,
+               accelerator: Accelerator, cfg: TrainConfig) -> dict[int, tuple[float, float]]:
+    """One optimizer step of every replica active at `step`; returns {replica: (loss, accuracy)}.
+
+    Each replica accumulates its gradients over `gradient_accumulation_steps` micro-batches; the shared
+    activations' gradients are averaged over the active replicas. Nothing is updated if a loss is not finite.
+    """
+    active = [r for r in replicas if r.is_active(step)]
+    fetched: dict[int, list] = {}  # replicas sharing a data stream see the same micro-batches
+    results = {}
+    for replica in active:
+        if id(replica.batches) not in fetched:
+            fetched[id(replica.batches)] = [next(replica.batches) for _ in range(cfg.gradient_accumulation_steps)]
+        results[replica.index] = forward_backward(replica.model, fetched[id(replica.batches)], accelerator)
+    if all(math.isfinite(loss) for loss, _ in results.values()):
+        if af_optimizer is not None:
+            average_shared_gradients([p for g in af_optimizer.param_groups for p in g["params"]], len(active))
+        if cfg.max_grad_norm > 0:
+            params = {id(p): p for r in active for p in r.model.parameters()}
+            accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+        for replica in active:
+            set_learning_rate(replica.optimizer, cfg.learning_rate * cfg.lr_factor(step - replica.schedule_offset))
+            replica.optimizer.step()
+        if af_optimizer is not None:
+            set_learning_rate(af_optimizer, abs(cfg.af_lr) * cfg.lr_factor(step))
+            af_optimizer.step()
+    for optimizer in [r.optimizer for r in active] + ([af_optimizer] if af_optimizer else []):
+        optimizer.zero_grad(set_to_none=True)
+    return results
+
+
+def forward_backward(model: torch.nn.Module, micro_batches: list, accelerator: Accelerator) -> tuple[float, float]:
+    """Accumulate one model's gradients over micro-batches (DDP syncs on the last); mean loss and accuracy."""
+    total_loss = torch.zeros((), device=accelerator.device)
+    total_acc = torch.zeros((), device=accelerator.device)
+    n = len(micro_batches)
+    for i, batch in enumerate(micro_batches):
+        input_ids, labels = (t.to(accelerator.device) for t in batch)
+        with contextlib.nullcontext() if i == n - 1 else accelerator.no_sync(model):
+            with accelerator.autocast():
+                out = model(input_ids=input_ids, shift_labels=labels, use_cache=False)
+            accelerator.backward(out.loss / n)
+        total_loss += out.loss.detach()
+        total_acc += token_accuracy(out.logits.detach(), labels) if out.logits is not None else out.accuracy
+    loss = accelerator.reduce(total_loss, "mean").item() / n
+    return loss, accelerator.reduce(total_acc, "mean").item() / n
+
+
+def validate(model, val_tokens, cfg: TrainConfig, metrics: MetricsWriter, step: int) -> tuple[float, float]:
+    """Validation loss/accuracy on fixed batches, plus the activation magnitudes seen on them."""
+    monitor = ActivationMagnitudes(model)
+    try:
+        batches = data_lib.val_batches(val_tokens, cfg.per_device_train_batch_size, cfg.seq_length)
+        loss, accuracy = evaluate(model, batches, cfg.eval_batches)
+    finally:
+        monitor.close()
+    record = {"kind": "val", "step": step, "loss": loss, "accuracy": accuracy}
+    metrics.write(record if cfg.n_models == 1 else {**record, "replica": 0}, *monitor.records(step))
+    logger.info(f"Step {step}/{cfg.max_steps}   lossVa {loss:.4f}   accVa {100 * accuracy:.1f}")
+    return loss, accuracy
+
+
+def save_final(model: AfGPTForCausalLM, run_data: RunData, out: Path, provenance: dict) -> None:
+    """The final model and tokenizer (loadable with from_pretrained(out)) and the learned activations."""
+    model.save_pretrained(out)
+    if run_data.tokenizer is not None:
+        run_data.tokenizer.save_pretrained(out)
+    save_bank(model, out / "activations", provenance)
+
+
+def final_metrics(history: list[dict], step: int, num_processes: int) -> dict:
+    """What train() returns: the last training loss and validation loss/accuracy of replica 0."""
+    def last(kind: str) -> dict:
+        return next((r for r in reversed(history) if r["kind"] == kind and r.get("replica", 0) == 0), {})
+
+    return {"step": step, "train_loss": last("train").get("loss"), "val_loss": last("val").get("loss"),
+            "val_accuracy": last("val").get("accuracy"), "num_processes": num_processes}
+

@@ -1,0 +1,115 @@
+"""What a run watches besides its loss: validation, activation magnitudes, throughput, plots, and a
+warning when bf16 would be emulated."""
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ..losses import token_accuracy
+from ..plotting import plot_activation_magnitudes, plot_activations, plot_training_curves
+from .config import TrainConfig
+
+logger = logging.getLogger("afgpt")
+
+
+class ActivationMagnitudes:
+    """Records mean and max |pre-activation| of every layer's MLP and attention slot via forward hooks."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.values: dict[tuple[int, str], tuple[float, float]] = {}
+        self.handles = []
+        for i, layer in enumerate(model.base_model.layers):
+            self._watch(layer.mlp.fc, i, "mlp")
+            if layer.attn.pre_activation is not None:
+                self._watch(layer.attn.pre_activation, i, "att")
+
+    def _watch(self, module: torch.nn.Module, layer: int, slot: str) -> None:
+        def hook(_module, _inputs, output):
+            x = output.detach().abs().float()
+            self.values[(layer, slot)] = (x.mean().item(), x.max().item())
+
+        self.handles.append(module.register_forward_hook(hook))
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def records(self, step: int) -> list[dict]:
+        return [{"kind": "act", "step": step, "layer": layer, "slot": slot, "mean_abs": mean, "max_abs": peak}
+                for (layer, slot), (mean, peak) in sorted(self.values.items())]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches, max_batches: int) -> tuple[float, float]:
+    """Mean validation loss and token accuracy over up to `max_batches` fixed batches."""
+    was_training = model.training
+    model.eval()
+    losses, accuracies = [], []
+    for i, (input_ids, labels) in enumerate(batches):
+        if i == max_batches:
+            break
+        out = model(input_ids=input_ids, shift_labels=labels, use_cache=False)
+        losses.append(out.loss.item())
+        accuracies.append(token_accuracy(out.logits, labels).item())
+    model.train(was_training)
+    return sum(losses) / len(losses), sum(accuracies) / len(accuracies)
+
+
+class Throughput:
+    """Training time and tokens since the last log line. Validation, plots and checkpoints run with the
+    clock paused, so tokens/s and the elapsed time count training alone, whatever the cadences."""
+
+    def __init__(self):
+        self.seconds, self.tokens = 0.0, 0
+        self.started = time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.seconds += time.perf_counter() - self.started
+        try:
+            yield
+        finally:
+            self.started = time.perf_counter()
+
+    def take(self) -> tuple[float, int]:
+        """(seconds, tokens) of the window so far; the next window starts now."""
+        now = time.perf_counter()
+        window = self.seconds + now - self.started, self.tokens
+        self.seconds, self.tokens, self.started = 0.0, 0, now
+        return window
+
+
+def save_plots(model: torch.nn.Module, history: list, plots: Path, cfg: TrainConfig) -> None:
+    """The run's figures, as many as `plotting_level` asks for."""
+    if cfg.plotting_level == 0:
+        return
+    plots.mkdir(exist_ok=True)
+    title = cfg.run_name or cfg.af_type
+    plot_training_curves([r for r in history if r["kind"] in ("train", "val")], plots / "training_curves.png",
+                         title=title)
+    plot_activations(model, plots / "activations.png", title=title)
+    magnitudes = [r for r in history if r["kind"] == "act"]
+    if magnitudes and cfg.plotting_level >= 2:
+        plot_activation_magnitudes(magnitudes, plots / "activation_magnitudes.png",
+                                   af_range=model.config.af_range)  # a stage II bank's grid, not --af-range
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX-512 or AMX); True if unknown."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def warn_if_bf16_is_emulated(mixed_precision: str, device: torch.device) -> None:
+    """bf16 autocast on an AVX2-only CPU emulates its matmuls: an AfGPT step ran 18x slower than fp32."""
+    if mixed_precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        logger.warning("mixed_precision='bf16' on a CPU without native bf16 matmuls (no AVX-512/AMX): "
+                       "training will be many times slower than in fp32; use mixed_precision='no' here")
+
