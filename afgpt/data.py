@@ -22,6 +22,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .atomic import write_atomically, write_text_atomically
+from .paths import looks_like_path
 
 BUILTIN_PYDOC = "builtin:pydoc"
 EOT_TOKEN = "<|endoftext|>"
@@ -65,7 +66,7 @@ def iter_texts(
     elif Path(source).expanduser().exists():
         files = _corpus_files(Path(source).expanduser())
         docs = (doc for file in files for doc in _file_documents(file, text_field, separator))
-    elif _looks_like_path(source):
+    elif looks_like_path(source, CORPUS_SUFFIXES):
         raise FileNotFoundError(f"corpus path {source} does not exist")
     else:
         docs = _hub_documents(source, text_field, split, subset, streaming)
@@ -76,13 +77,6 @@ def _pydoc_documents() -> Iterator[str]:
     from pydoc_data.topics import topics
 
     return (topics[name] for name in sorted(topics))
-
-
-def _looks_like_path(source: str) -> bool:
-    """Whether a missing `source` was meant as a local path (so we never ask the Hub about it)."""
-    from .paths import looks_like_path
-
-    return looks_like_path(source, CORPUS_SUFFIXES)
 
 
 def _is_corpus_file(path: Path) -> bool:
@@ -158,7 +152,7 @@ def _non_empty(docs: Iterable[str], source: str) -> Iterator[str]:
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """A tokenizer via AutoTokenizer (local folder or Hub name); its eos token separates documents."""
     name_or_path = str(name_or_path)
-    if not Path(name_or_path).expanduser().exists() and _looks_like_path(name_or_path):
+    if not Path(name_or_path).expanduser().exists() and looks_like_path(name_or_path, CORPUS_SUFFIXES):
         raise FileNotFoundError(f"tokenizer path {name_or_path} does not exist")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.eos_token_id is None:

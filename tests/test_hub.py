@@ -181,7 +181,7 @@ def test_paths_and_hub_ids_are_told_apart_by_one_rule(name, bank, corpus):
     or cannot be a repo id: afgpt.paths decides for both activation banks (hub) and corpora (data)."""
     from afgpt import data, hub, paths
     assert paths.looks_like_path(name, hub.FILE_SUFFIXES) is bank
-    assert data._looks_like_path(name) is corpus
+    assert paths.looks_like_path(name, data.CORPUS_SUFFIXES) is corpus
 
 
 def test_local_bank_directory_loads_without_the_hub(hub, tmp_path):

@@ -4,11 +4,12 @@ import glob
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import data as data_lib
 from ..activations import ACTIVATION_NAMES
+from ..atomic import write_text_atomically
 from ..configuration_afgpt import AfGPTConfig
 from ..ensemble import start_steps
 from ..hub import FILE_SUFFIXES as ACTIVATION_FILE_SUFFIXES
@@ -176,6 +177,10 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainConfig":
         return cls(**json.loads(Path(path).read_text()))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """train_config.json: what the run does, written atomically."""
+        write_text_atomically(Path(path), json.dumps(asdict(self), indent=2))
 
 
 def lr_factor(step: int, schedule: str, max_steps: int, warmup: int, cooldown: int) -> float:

@@ -10,7 +10,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,7 +20,6 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .. import data as data_lib
-from ..atomic import write_text_atomically
 from ..bank import ActivationBank
 from ..ensemble import Replica, average_shared_gradients, build_replicas, schedule_offsets, start_steps
 from ..hub import load_activations
@@ -142,7 +141,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         cfg = resumed_config(cfg, TrainConfig.load(out / "train_config.json"))
     setup_logging(Path(cfg.log_file) if cfg.log_file else out / "train.log", is_main)
     if is_main and not resume:
-        write_text_atomically(out / "train_config.json", json.dumps(asdict(cfg), indent=2))
+        cfg.save(out / "train_config.json")
     logger.info(f"afgpt train: {accelerator.num_processes} process(es), device {accelerator.device}, "
                 f"mixed precision {cfg.mixed_precision}, output {out}")
     warn_if_bf16_is_emulated(cfg.mixed_precision, accelerator.device)
@@ -166,7 +165,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         if state.step >= cfg.max_steps:
             return finished_run(cfg, state, accelerator, out)
         if is_main:  # what this run now does: a longer max_steps, other cadences
-            write_text_atomically(out / "train_config.json", json.dumps(asdict(cfg), indent=2))
+            cfg.save(out / "train_config.json")
     metrics = MetricsWriter(out / "metrics.jsonl", state.history, is_main)
     if resume:
         metrics.rewrite()
