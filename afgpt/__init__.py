@@ -4,6 +4,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from .activations import ACTIVATION_NAMES, AfSpec, build_activation, parse_af_spec
 from .configuration_afgpt import AfGPTConfig
 from .modeling_afgpt import AfGPTForCausalLM, AfGPTForSequenceClassification, AfGPTModel
+from .patching import (
+    AfGPTNeoConfig, AfGPTNeoForCausalLM, AfGPTNeoForSequenceClassification, AfGPTNeoModel, AfRobertaConfig,
+    AfRobertaForMaskedLM, AfRobertaForSequenceClassification, AfRobertaModel, activation_module_names, patch_model,
+)
 from .bank import ActivationBank
 
 __version__ = "0.1.0"
@@ -14,6 +18,18 @@ AutoModel.register(AfGPTConfig, AfGPTModel, exist_ok=True)
 AutoModelForCausalLM.register(AfGPTConfig, AfGPTForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(AfGPTConfig, AfGPTForSequenceClassification, exist_ok=True)
 
+# Patched GPT-Neo / RoBERTa (afgpt.patch_model): saved folders load back patched with the Auto classes.
+from transformers import AutoModelForMaskedLM  # noqa: E402
+
+AutoConfig.register(AfGPTNeoConfig.model_type, AfGPTNeoConfig, exist_ok=True)
+AutoModel.register(AfGPTNeoConfig, AfGPTNeoModel, exist_ok=True)
+AutoModelForCausalLM.register(AfGPTNeoConfig, AfGPTNeoForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(AfGPTNeoConfig, AfGPTNeoForSequenceClassification, exist_ok=True)
+AutoConfig.register(AfRobertaConfig.model_type, AfRobertaConfig, exist_ok=True)
+AutoModel.register(AfRobertaConfig, AfRobertaModel, exist_ok=True)
+AutoModelForMaskedLM.register(AfRobertaConfig, AfRobertaForMaskedLM, exist_ok=True)
+AutoModelForSequenceClassification.register(AfRobertaConfig, AfRobertaForSequenceClassification, exist_ok=True)
+
 # Saved folders carry their code, so they load with trust_remote_code=True where afgpt is not installed.
 AfGPTConfig.register_for_auto_class()
 AfGPTModel.register_for_auto_class("AutoModel")
@@ -23,6 +39,11 @@ AfGPTForSequenceClassification.register_for_auto_class("AutoModelForSequenceClas
 __all__ = [
     "ACTIVATION_NAMES", "ActivationBank", "AfSpec", "AfGPTConfig", "AfGPTModel", "AfGPTForCausalLM",
     "AfGPTForSequenceClassification", "HubError", "build_activation", "load_activations", "parse_af_spec", "push_run",
+]
+__all__ += [  # afgpt.patching
+    "AfGPTNeoConfig", "AfGPTNeoModel", "AfGPTNeoForCausalLM", "AfGPTNeoForSequenceClassification", "AfRobertaConfig",
+    "AfRobertaModel", "AfRobertaForMaskedLM", "AfRobertaForSequenceClassification", "activation_module_names",
+    "patch_model",
 ]
 
 

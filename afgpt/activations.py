@@ -188,6 +188,7 @@ _BUILDERS = {
 }
 ACTIVATION_NAMES = tuple(_BUILDERS)
 LEARNABLE_NAMES = ("prelu", "swish", "rational", "rational_gelu", "spline", "splinePerDim")
+PER_CHANNEL_NAMES = ("prelu", "splinePerDim")  # one function per channel: they need the slot's width
 NO_ATTENTION_SLOT = "none"
 
 

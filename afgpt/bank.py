@@ -23,9 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import replace_directory, restore_interrupted, write_atomically, write_text_atomically
+from .activation_set import ROWS, SHARING, ActivationSet, ActivationSettings, activation_slot, find_activation_set
 from .activations import Spline, is_learnable, parse_af_spec
-from .configuration_afgpt import AfGPTConfig
-from .modeling_afgpt import AfGPTActivations, activation_slot
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -35,10 +34,7 @@ VERSION = 1
 CONFIG_KEYS = ("af_type", "af_layer_specific", "af_range", "af_n_anchors", "num_hidden_layers",
                "hidden_size", "intermediate_size")
 HINTS = ("num_hidden_layers", "af_type", "af_layer_specific", "hidden_size", "intermediate_size")
-ROWS = {"mlp": "MLP", "att": "attention"}
 ROW_WIDTH = {"mlp": "intermediate_size", "att": "hidden_size"}  # the channels each row's activations see
-SHARING = {0: "one activation shared by all layers", 1: "one activation per layer",
-           2: "first and last layers own theirs, the middle layers share one"}
 LMAFS_SPLINES = ("spline", "splinePerDim")  # the only learnable activations lm-afs has
 LMAFS_MLP_RATIO = 4  # lm-afs's MLP is always 4x the model width
 LMAFS_NAME = re.compile(r"ptAf-(?P<run>.+)-step(?P<steps>\d+)$")
@@ -48,36 +44,37 @@ MISSING = "—"
 
 
 class ActivationBank(nn.Module):
-    """All learnable activation parameters of an AfGPT model; `state_dict()` holds exactly those."""
+    """All learnable activation parameters of a model (its activation set); `state_dict()` holds exactly those."""
 
-    def __init__(self, activations: AfGPTActivations, config, provenance: dict | None = None):
+    def __init__(self, activations: ActivationSet, provenance: dict | None = None):
         super().__init__()
         self.activations = activations
-        self.config = config
+        self.settings = activations.settings
         self.provenance = provenance or {}
 
     @classmethod
     def from_model(cls, model: nn.Module, provenance: dict | None = None) -> "ActivationBank":
-        return cls(model.base_model.activations, model.config, provenance)
+        """The bank of an AfGPT or patched model (its activation set, shared, not copied)."""
+        return cls(find_activation_set(model), provenance)
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         return self.activations.state_dict(*args, **kwargs)
 
     def is_empty(self) -> bool:
-        return not any(True for _ in self.activations.parameters())
+        return self.activations.is_empty()
 
     def learnable_rows(self) -> list[str]:
         """"mlp" and/or "att": the rows whose activations have parameters."""
-        spec = parse_af_spec(self.config.af_type)
+        spec = parse_af_spec(self.settings.af_type)
         return [row for row in ROWS if is_learnable(getattr(spec, row))]
 
     def af_config(self) -> dict:
-        config = {key: getattr(self.config, key) for key in CONFIG_KEYS}
+        config = {key: getattr(self.settings, key) for key in CONFIG_KEYS}
         config["af_type"] = str(parse_af_spec(config["af_type"]))
         return {"format": FORMAT, "version": VERSION, **config, "provenance": self.provenance}
 
     def title(self) -> str:
-        return f"{parse_af_spec(self.config.af_type)}: {SHARING[self.config.af_layer_specific]}"
+        return f"{parse_af_spec(self.settings.af_type)}: {SHARING[self.settings.af_layer_specific]}"
 
     # ------------------------------------------------------------------ writing
 
@@ -106,7 +103,7 @@ class ActivationBank(nn.Module):
 
     def model_card(self) -> str:
         """README.md of the bank's folder or Hub repo: front matter for Hub search, the plot, the numbers."""
-        config, spec = self.config, parse_af_spec(self.config.af_type)
+        config, spec = self.settings, parse_af_spec(self.settings.af_type)
         kinds = sorted({kind for kind in (spec.mlp, spec.att) if is_learnable(kind)})
         settings = (f"af_type={str(spec)!r}, af_layer_specific={config.af_layer_specific}, "
                     f"af_range={config.af_range!r}, af_n_anchors={config.af_n_anchors}, "
@@ -131,8 +128,8 @@ class ActivationBank(nn.Module):
 
     def provenance_rows(self) -> list[tuple[str, object]]:
         p = self.provenance
-        rows = [("run", p.get("run")), ("af_type", f"`{parse_af_spec(self.config.af_type)}`"),
-                ("sharing", SHARING[self.config.af_layer_specific]), ("steps", p.get("steps")),
+        rows = [("run", p.get("run")), ("af_type", f"`{parse_af_spec(self.settings.af_type)}`"),
+                ("sharing", SHARING[self.settings.af_layer_specific]), ("steps", p.get("steps")),
                 ("n_models", p.get("n_models")), ("data", p.get("data")), ("seed", p.get("seed")),
                 ("final val loss", loss_text(p.get("final_val_loss")))]
         if "baseline_val_loss" in p:
@@ -141,7 +138,7 @@ class ActivationBank(nn.Module):
 
     def lmafs_rows(self) -> list[str]:
         """The learnable rows, checked to be splines: the only learnable activations lm-afs files hold."""
-        spec, rows = parse_af_spec(self.config.af_type), self.learnable_rows()
+        spec, rows = parse_af_spec(self.settings.af_type), self.learnable_rows()
         if not rows or any(getattr(spec, row) not in LMAFS_SPLINES for row in rows):
             raise ValueError(
                 f"af_type={str(spec)!r} cannot be written as an lm-afs file, which holds only splines "
@@ -150,8 +147,7 @@ class ActivationBank(nn.Module):
 
     def per_layer(self, row: str) -> list[nn.Module]:
         """The activation module of each layer in `row` (a shared one repeated), as lm-afs lists them."""
-        n, sharing = self.config.num_hidden_layers, self.config.af_layer_specific
-        return [getattr(self.activations, row)[activation_slot(layer, n, sharing)] for layer in range(n)]
+        return self.activations.per_layer(row)
 
     def to_lmafs_csv(self, path: str | os.PathLike) -> Path:
         """Write lm-afs's ptAf CSV atomically: an anchors line and a values line per spline, the MLP
@@ -164,7 +160,7 @@ class ActivationBank(nn.Module):
         """Write lm-afs's ptAf .pt atomically so lm-afs's trainLmAf.py loads it for stage II: per-layer lists
         of Parameters (a shared one repeated) and the config as lm-afs's `__main__.Hyperparameters`, whose
         fields lm-afs reads as attributes. `config` adds or overrides lm-afs fields (e.g. a run's flags)."""
-        rows, spec, bank = self.lmafs_rows(), parse_af_spec(self.config.af_type), self.config
+        rows, spec, bank = self.lmafs_rows(), parse_af_spec(self.settings.af_type), self.settings
         params = {id(m): nn.Parameter(m.values.detach().float().cpu().clone())
                   for row in rows for m in getattr(self.activations, row)}
         values = {row: [params[id(m)] for m in self.per_layer(row)] for row in rows}
@@ -196,14 +192,15 @@ class ActivationBank(nn.Module):
     # ------------------------------------------------------------------ loading into a model
 
     def load_into(self, model: nn.Module, freeze: bool = True) -> nn.Module:
-        """Copy the bank into an AfGPT model's activations (stage II), after explaining every way the
-        two do not fit; `freeze` stops those parameters from training."""
+        """Copy the bank into a model's activation set (stage II; AfGPT or patched), after explaining every way
+        the two do not fit; `freeze` stops those parameters from training."""
         problems = self.mismatches(model)
         if problems:
             raise ValueError("the activation bank does not fit this model:\n- " + "\n- ".join(problems))
-        sources = bank_slots(self.config, model.config)
+        target = find_activation_set(model)
+        sources = bank_slots(self.settings, target.settings)
         for row in self.learnable_rows():
-            for slot, module in enumerate(getattr(model.base_model.activations, row)):
+            for slot, module in enumerate(getattr(target, row)):
                 (source,) = sources[slot]
                 module.load_state_dict(getattr(self.activations, row)[source].state_dict())
                 if freeze:
@@ -213,8 +210,9 @@ class ActivationBank(nn.Module):
     def mismatches(self, model: nn.Module) -> list[str]:
         """Every way the bank does not fit `model`, each with its fix. Kinds must agree wherever either
         side learns; a row neither side learns carries no tensors, so its fixed functions may differ."""
-        config, target = model.config, model.base_model.activations
-        ours, theirs = parse_af_spec(self.config.af_type), parse_af_spec(config.af_type)
+        target = find_activation_set(model)
+        config = target.settings
+        ours, theirs = parse_af_spec(self.settings.af_type), parse_af_spec(config.af_type)
         problems, rows = [], []
         for row, name in ROWS.items():
             kind, model_kind = getattr(ours, row), getattr(theirs, row)
@@ -236,7 +234,7 @@ class ActivationBank(nn.Module):
                 f"model's have {config.af_n_anchors} on ±{config.af_range:g}; build the model with "
                 f"af_range={grids[0].af_range!r}, af_n_anchors={grids[0].n_anchors}")
         if rows:
-            problems += structure_mismatches(self.config, config)
+            problems += structure_mismatches(self.settings, config)
         return problems
 
 
@@ -266,14 +264,6 @@ def grids_match(grid, config) -> bool:
     return grid.n_anchors == config.af_n_anchors and math.isclose(grid.af_range, config.af_range, rel_tol=1e-6)
 
 
-def layer_span(slot: int, config) -> str:
-    """The layers that use activation slot `slot` under `config`'s sharing (they are contiguous), e.g.
-    "layer 0" or "layers 1–2": one wording for plot titles and mismatch messages."""
-    n = config.num_hidden_layers
-    layers = [i for i in range(n) if activation_slot(i, n, config.af_layer_specific) == slot]
-    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}–{layers[-1]}"
-
-
 def bank_slots(bank, config) -> list[set[int]]:
     """For each of the model's slots, the bank slots of the layers that use it (one, when they fit).
     Call only when depths match or the bank is layer-shared."""
@@ -298,7 +288,7 @@ def structure_mismatches(bank, config) -> list[str]:
     for slot, sources in enumerate(bank_slots(bank, config)):
         if len(sources) > 1:
             problems.append(
-                f"sharing: the model shares one activation across {layer_span(slot, config)} "
+                f"sharing: the model shares one activation across {config.layer_span(slot)} "
                 f"(af_layer_specific={config.af_layer_specific}) but the bank holds {len(sources)} different ones "
                 f"for them; build the model with af_layer_specific={bank.af_layer_specific}")
     return problems
@@ -350,9 +340,9 @@ def plot_activation_file(source: str | os.PathLike | ActivationBank, out_path: s
 
 
 def build_bank(fields: dict, state: dict[str, torch.Tensor], provenance: dict, source: Path) -> ActivationBank:
-    """A bank shaped like the activations of an AfGPT model with `fields`, holding `state`."""
-    config = AfGPTConfig(num_attention_heads=1, **fields)  # heads do not shape activations
-    activations = AfGPTActivations(config)
+    """A bank shaped like the activation set that `fields` (ActivationSettings) describe, holding `state`."""
+    config = ActivationSettings(**fields)
+    activations = ActivationSet(config)
     expected = {name: tuple(t.shape) for name, t in activations.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in state.items()}
     if found != expected:
@@ -365,7 +355,7 @@ def build_bank(fields: dict, state: dict[str, torch.Tensor], provenance: dict, s
             f"intermediate_size={config.intermediate_size} need {shapes(expected)}: the file is damaged or the "
             "settings (from the file or the hints) are wrong")
     activations.load_state_dict({name: t.float() for name, t in state.items()})
-    return ActivationBank(activations, config, provenance)
+    return ActivationBank(activations, provenance)
 
 
 def bank_directory(path: Path) -> Path:

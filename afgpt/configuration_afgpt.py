@@ -1,9 +1,9 @@
 """AfGPT configuration: a small modern GPT whose activation functions are a research variable."""
 from transformers import PreTrainedConfig
 
+from .activation_set import check_settings
 from .activations import parse_af_spec
-
-FFN_TYPES = ("mlp",)
+from .ffn import check_ffn_activation, check_ffn_settings
 
 
 class AfGPTConfig(PreTrainedConfig):
@@ -18,6 +18,9 @@ class AfGPTConfig(PreTrainedConfig):
         doc_separator_token_id: when set, attention does not cross documents (tokens after a
             separator do not see tokens before it), as in lm-afs training.
         context_size: sliding attention window in tokens (None = full causal attention).
+        ffn_type: "mlp" (fc, activation, proj) or "kan" (two B-spline KAN layers whose base function is the
+            MLP activation; see afgpt.kan), with kan_grid_size (intervals), kan_spline_order, kan_grid_range
+            and kan_width ("params": hidden width matching the MLP's parameter count, "mlp": intermediate_size).
     """
 
     model_type = "afgpt"
@@ -36,6 +39,10 @@ class AfGPTConfig(PreTrainedConfig):
     af_n_anchors: int = 64
     af_init: float = 0.01
     ffn_type: str = "mlp"
+    kan_grid_size: int = 5
+    kan_spline_order: int = 3
+    kan_grid_range: tuple[float, float] | list[float] = (-1.0, 1.0)
+    kan_width: str = "params"
     doc_separator_token_id: int | None = None
     context_size: int | None = None
     rope_theta: float = 10000.0
@@ -69,21 +76,9 @@ class AfGPTConfig(PreTrainedConfig):
             raise ValueError(
                 f"head size hidden_size/num_attention_heads={self.hidden_size // self.num_attention_heads} "
                 "is odd: rotary embeddings need an even head size")
-        parse_af_spec(self.af_type)
-        if self.af_layer_specific not in (0, 1, 2):
-            raise ValueError(
-                f"af_layer_specific={self.af_layer_specific!r} is invalid: use 0 (shared by all layers), "
-                "1 (one per layer) or 2 (middle layers shared)")
-        if not isinstance(self.af_n_anchors, int) or self.af_n_anchors < 2:
-            raise ValueError(f"af_n_anchors={self.af_n_anchors!r} is invalid: a spline needs at least 2 anchors")
-        if not self.af_range > 0:
-            raise ValueError(f"af_range={self.af_range!r} is invalid: it must be > 0 (anchors span [-af_range, af_range])")
-        if not (self.af_init > 0 or self.af_init == -1):
-            raise ValueError(
-                f"af_init={self.af_init!r} is invalid: use a small positive constant (e.g. 0.01) "
-                "or -1 to start splines as the identity")
-        if self.ffn_type not in FFN_TYPES:
-            raise ValueError(f"ffn_type={self.ffn_type!r} is invalid: allowed values are {', '.join(FFN_TYPES)}")
+        check_settings(self)
+        check_ffn_settings(self)
+        check_ffn_activation(self.ffn_type, parse_af_spec(self.af_type))
         if self.context_size is not None and (not isinstance(self.context_size, int) or self.context_size < 1):
             raise ValueError(f"context_size={self.context_size!r} is invalid: use a positive window or None")
         if self.doc_separator_token_id is not None and not 0 <= self.doc_separator_token_id < self.vocab_size:

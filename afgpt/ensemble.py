@@ -1,7 +1,7 @@
 """Stage I of two-stage activation discovery (lm-afs): replicas that share their learnable activations.
 
 Every replica is a full AfGPT model with its own weights, data stream and weight optimizer, but all of
-them hold the same activation module (replica 0's `model.activations`), so one set of activation
+them hold the same activation set (replica 0's, afgpt.activation_set), so one set of activation
 parameters learns from all replicas at once. Training many models against one set of activations
 keeps the activations from co-adapting to one set of weights, which is what makes them reusable in
 stage II. Replicas can start at staggered steps, so at any time the activations see models at
@@ -14,6 +14,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 from torch import nn
+
+from .activation_set import find_activation_set, share_activation_set
 
 STAGGERED_MODES = (0, 1, 2)  # 0 all start at step 0; 1 staggered, common schedule; 2 staggered, own schedule
 
@@ -35,7 +37,7 @@ def schedule_offsets(starts: list[int], staggered: int) -> list[int]:
 
 
 def build_replicas(make_model: Callable[[int], nn.Module], n_models: int, same_init: bool) -> list[nn.Module]:
-    """`n_models` AfGPT models sharing replica 0's activation module.
+    """`n_models` models (AfGPT or patched) sharing replica 0's activation set.
 
     `make_model(m)` builds replica m with freshly drawn weights (the caller seeds it per replica);
     with `same_init` the other replicas start as exact copies of replica 0 instead.
@@ -44,7 +46,7 @@ def build_replicas(make_model: Callable[[int], nn.Module], n_models: int, same_i
     replicas = [first]
     for m in range(1, n_models):
         replica = copy.deepcopy(first) if same_init else make_model(m)
-        replica.base_model.activations = first.base_model.activations
+        share_activation_set(replica, find_activation_set(first))
         replicas.append(replica)
     return replicas
 

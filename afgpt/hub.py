@@ -17,10 +17,11 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from .bank import ActivationBank, read_activations
 from .modeling_afgpt import AfGPTForCausalLM
+from .patching import PATCHED_CLASSES
 from .paths import looks_like_path
 
 try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
@@ -29,6 +30,7 @@ except ImportError:
     from httpx import TransportError
 
 # What read_activations needs: a bank at the repo root (as push_to_hub writes it) or in a pushed run's activations/.
+MODEL_CLASSES = {cls.__name__: cls for cls in (AfGPTForCausalLM, *PATCHED_CLASSES.values())}  # what runs save
 BANK_FILES = ["af_config.json", "activations.safetensors", "activations/af_config.json",
               "activations/activations.safetensors"]
 FILE_SUFFIXES = (".pt", ".csv", ".safetensors", ".json")  # names with these are files, never repo ids
@@ -99,8 +101,10 @@ def read_run_bank(run_dir: Path, include_model: bool) -> ActivationBank | None:
 
 
 def push_model(run_dir: Path, repo_id: str, token: str | bool | None, private: bool) -> None:
-    """The final model (its modeling code travels with it, for trust_remote_code=True) and the run's tokenizer."""
-    AfGPTForCausalLM.from_pretrained(run_dir).push_to_hub(repo_id, token=token, private=private)
+    """The final model (AfGPT's modeling code travels with it, for trust_remote_code=True; a patched GPT-Neo or RoBERTa
+    loads with `import afgpt`) and the run's tokenizer."""
+    (architecture,) = AutoConfig.from_pretrained(run_dir).architectures
+    MODEL_CLASSES[architecture].from_pretrained(run_dir).push_to_hub(repo_id, token=token, private=private)
     if (run_dir / "tokenizer_config.json").is_file():
         AutoTokenizer.from_pretrained(run_dir).push_to_hub(repo_id, token=token, private=private)
 

@@ -1,9 +1,10 @@
 """AfGPT: the lm-afs GPT (RMSNorm, rotary, QK-norm, value residual, U-Net skips, tied embeddings)
 as a transformers model whose activation functions are a research variable.
 
-Learnable activations live in one place, `AfGPTModel.activations` (`mlp.<slot>`, `att.<slot>`),
-and layers look theirs up by slot index. Sharing an activation across layers is therefore
-structural: each parameter is stored once and survives save_pretrained/from_pretrained.
+Activations live in one place, the model's activation set `AfGPTModel.activations` (`mlp.<slot>`,
+`att.<slot>`), and layers apply theirs through slots that look them up there (afgpt.activation_set).
+Sharing an activation across layers is therefore structural: each parameter is stored once and
+survives save_pretrained/from_pretrained. The feed-forward comes from the registry in afgpt.ffn.
 """
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,36 +29,10 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .activations import SplineGrid, build_activation, parse_af_spec
+from .activation_set import ActivationSet, ActivationSettings, AttentionSlot, SlotActivation, init_activation_module
 from .configuration_afgpt import AfGPTConfig
+from .ffn import FFNSettings, build_ffn, init_ffn_module
 from .losses import linear_cross_entropy
-
-
-def activation_slot(layer: int, num_layers: int, sharing: int) -> int:
-    """Index of the activation a layer uses: 0 shared, 1 per layer, 2 shared middle layers."""
-    if sharing == 0:
-        return 0
-    if sharing == 1:
-        return layer
-    num_slots = min(num_layers, 3)
-    return min(layer, 1) if layer < num_layers - 1 else num_slots - 1
-
-
-def num_activation_slots(num_layers: int, sharing: int) -> int:
-    return activation_slot(num_layers - 1, num_layers, sharing) + 1
-
-
-class AfGPTActivations(nn.Module):
-    """Every activation of the model, stored once: `mlp[slot]` and, unless att-none, `att[slot]`."""
-
-    def __init__(self, config: AfGPTConfig):
-        super().__init__()
-        spec = parse_af_spec(config.af_type)
-        grid = SplineGrid(config.af_range, config.af_n_anchors, config.af_init)
-        slots = range(num_activation_slots(config.num_hidden_layers, config.af_layer_specific))
-        self.mlp = nn.ModuleList(build_activation(spec.mlp, config.intermediate_size, grid) for _ in slots)
-        self.att = nn.ModuleList(build_activation(spec.att, config.hidden_size, grid) for _ in slots) \
-            if spec.has_att_slot else None
 
 
 class AfGPTRotaryEmbedding(nn.Module):
@@ -137,23 +112,11 @@ def eager_attention_forward(
     return output, weights
 
 
-class ScalarAffine(nn.Module):
-    """a * x + b with learnable scalars (init a=1, b=0): the pre-activation of the attention slot."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(()))
-        self.bias = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.bias.to(x.dtype), x, self.weight.to(x.dtype))  # one kernel
-
-
 class AfGPTAttention(nn.Module):
     """Causal self-attention with QK-norm, rotary, value residual and an optional activation slot
     before QKV: x + f(a*x + b) (lm-afs)."""
 
-    def __init__(self, config: AfGPTConfig, layer_idx: int):
+    def __init__(self, config: AfGPTConfig, layer_idx: int, activations: ActivationSet):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -163,7 +126,7 @@ class AfGPTAttention(nn.Module):
         self.is_causal = True
         self.num_key_value_groups = 1
         width = config.hidden_size
-        self.pre_activation = ScalarAffine() if parse_af_spec(config.af_type).has_att_slot else None
+        self.pre_activation = AttentionSlot(activations, layer_idx) if activations.att is not None else None
         self.q_proj = nn.Linear(width, width, bias=False)
         self.k_proj = nn.Linear(width, width, bias=False)
         self.v_proj = nn.Linear(width, width, bias=False)
@@ -176,15 +139,12 @@ class AfGPTAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        activation: nn.Module | None,
         value_first: torch.Tensor | None = None,
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(output, attention weights or None, the first layer's values for the value residual)."""
-        x = hidden_states
-        if self.pre_activation is not None:
-            x = x + activation(self.pre_activation(x))
+        x = hidden_states if self.pre_activation is None else self.pre_activation(hidden_states)
         batch, seq, _ = x.shape
         shape = (batch, seq, self.num_heads, self.head_dim)
         # QK-norm and rotary on q and k side by side ([batch, seq, 2 * heads, head_dim]): one kernel per
@@ -207,28 +167,15 @@ class AfGPTAttention(nn.Module):
         return output, weights, value_first
 
 
-class AfGPTMLP(nn.Module):
-    """fc (4x) -> activation -> proj, no biases; proj starts at zero (lm-afs)."""
-
-    def __init__(self, config: AfGPTConfig):
-        super().__init__()
-        self.fc = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.proj.zero_init = True
-
-    def forward(self, x: torch.Tensor, activation: nn.Module) -> torch.Tensor:
-        return self.proj(activation(self.fc(x)))
-
-
 class AfGPTBlock(GradientCheckpointingLayer):
     """Pre-norm block that first mixes its input with the embedding output x0 (U-Net lambdas)."""
 
-    def __init__(self, config: AfGPTConfig, layer_idx: int):
+    def __init__(self, config: AfGPTConfig, layer_idx: int, activations: ActivationSet):
         super().__init__()
         self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.attn = AfGPTAttention(config, layer_idx)
+        self.attn = AfGPTAttention(config, layer_idx, activations)
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = AfGPTMLP(config)
+        self.mlp = build_ffn(FFNSettings.from_config(config), SlotActivation(activations, "mlp", layer_idx))
         self.block_lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))
 
     def forward(
@@ -238,8 +185,6 @@ class AfGPTBlock(GradientCheckpointingLayer):
         value_first: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        mlp_activation: nn.Module,
-        att_activation: nn.Module | None,
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,10 +192,9 @@ class AfGPTBlock(GradientCheckpointingLayer):
         lambdas = self.block_lambdas.to(hidden_states.dtype)
         x = torch.addcmul(hidden_states * lambdas[0], x0, lambdas[1])  # lambdas[0] * h + lambdas[1] * x0
         attn_out, _, value_first = self.attn(
-            self.attn_norm(x), position_embeddings, attention_mask, att_activation,
-            value_first=value_first, cache=cache, **kwargs)
+            self.attn_norm(x), position_embeddings, attention_mask, value_first=value_first, cache=cache, **kwargs)
         x = x + attn_out
-        x = x + self.mlp(self.mlp_norm(x), mlp_activation)
+        x = x + self.mlp(self.mlp_norm(x))
         return x, value_first
 
 
@@ -285,18 +229,14 @@ class AfGPTPreTrainedModel(PreTrainedModel):
             cos, sin_signed = module.compute_table()
             init.copy_(module.cos_table, cos)
             init.copy_(module.sin_table, sin_signed)
-        elif isinstance(module, ScalarAffine):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
+        elif init_activation_module(module, init) or init_ffn_module(module):
+            pass
         elif isinstance(module, AfGPTAttention):
             init.constant_(module.value_lambda, 0.5)
         elif isinstance(module, AfGPTBlock):
             init.copy_(module.block_lambdas, torch.tensor([1.0, 0.0]))
         elif isinstance(module, AfGPTModel):
             init.ones_(module.skip_weights)
-        elif hasattr(module, "initial_state"):  # learnable activations
-            for name, value in module.initial_state().items():
-                init.copy_(getattr(module, name), value)
 
     def load_activations(self, bank: nn.Module, freeze: bool = True) -> "AfGPTPreTrainedModel":
         """Put learned activations (an `afgpt.ActivationBank`) into this model; frozen by default (stage II)."""
@@ -310,8 +250,9 @@ class AfGPTModel(AfGPTPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_norm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.layers = nn.ModuleList(AfGPTBlock(config, i) for i in range(config.num_hidden_layers))
-        self.activations = AfGPTActivations(config)
+        activations = ActivationSet(ActivationSettings.from_config(config))
+        self.layers = nn.ModuleList(AfGPTBlock(config, i, activations) for i in range(config.num_hidden_layers))
+        self.activations = activations
         self.rotary_emb = AfGPTRotaryEmbedding(config)
         self.num_encoder_layers = (config.num_hidden_layers + 1) // 2
         self.skip_weights = nn.Parameter(torch.ones(config.num_hidden_layers - self.num_encoder_layers))
@@ -323,12 +264,6 @@ class AfGPTModel(AfGPTPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
-
-    def layer_activations(self, layer: int) -> tuple[nn.Module, nn.Module | None]:
-        """The (mlp, attention) activation modules that `layer` uses."""
-        slot = activation_slot(layer, self.config.num_hidden_layers, self.config.af_layer_specific)
-        att = self.activations.att[slot] if self.activations.att is not None else None
-        return self.activations.mlp[slot], att
 
     def _attention_mask(self, input_ids, inputs_embeds, attention_mask, cache, position_ids):
         """Causal mask, restricted to the sliding window and to each document."""
@@ -394,8 +329,7 @@ class AfGPTModel(AfGPTPreTrainedModel):
         for i, layer in enumerate(self.layers):
             if i >= self.num_encoder_layers:
                 x = torch.addcmul(x, skips.pop(), self.skip_weights[i - self.num_encoder_layers].to(x.dtype))
-            mlp_act, att_act = self.layer_activations(i)
-            x, value_first = layer(x, x0, value_first, position_embeddings, mask, mlp_act, att_act, cache=cache, **kwargs)
+            x, value_first = layer(x, x0, value_first, position_embeddings, mask, cache=cache, **kwargs)
             if i < self.num_encoder_layers:
                 skips.append(x)
         return BaseModelOutputWithPast(last_hidden_state=x, cache=cache)

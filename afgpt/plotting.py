@@ -18,17 +18,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 from torch import nn
 
+from .activation_set import ROWS, find_activation_set
 from .activations import Spline
 from .atomic import write_atomically
-from .bank import layer_span
-from .modeling_afgpt import AfGPTActivations
 
 DPI = 150
 FIXED_X_RANGE = 5.0  # non-spline activations are drawn on [-5, 5]
 SPLINE_MARGIN = 0.1  # splines: the anchor range plus 10% each side, to show the constant tails
 CURVE_POINTS = 1001
 CHANNELS_SHOWN = 8  # per-channel activations: this many evenly spaced channels, plus their mean
-SLOT_NAMES = {"mlp": "MLP", "att": "attention"}
 SLOT_STYLES = {"mlp": "-", "att": "--"}
 
 
@@ -137,20 +135,6 @@ def plot_training_curves(records: list[dict], path: str | os.PathLike, title: st
     save_figure(training_curves_figure(records, title), path)
 
 
-def resolve_activations(source: nn.Module) -> tuple[AfGPTActivations, object | None]:
-    """(activations module, config or None) from a model, its trunk, an ActivationBank (which, like the
-    trunk, has `activations` and `config`) or the activations module."""
-    if isinstance(source, AfGPTActivations):
-        return source, None
-    trunk = getattr(source, "base_model", source)
-    return trunk.activations, trunk.config
-
-
-def slot_title(slot: int, config) -> str:
-    """Which layers use `slot` (they are contiguous), or just the slot number without a config."""
-    return f"slot {slot}" if config is None else f"slot {slot}: {layer_span(slot, config)}"
-
-
 def draw_activation(ax: Axes, module: nn.Module) -> None:
     """f(x) of one activation, evaluated on a CPU float32 copy so any device or dtype works.
 
@@ -191,24 +175,22 @@ def draw_activation(ax: Axes, module: nn.Module) -> None:
 
 
 def activation_figure(source: nn.Module, title: str | None = None) -> Figure:
-    """The activation functions of a model: MLP row on top, attention row below (unless att-none),
-    one column per slot titled with the layers that use it."""
-    activations, config = resolve_activations(source)
-    rows = [("MLP", activations.mlp)]
-    if activations.att is not None:
-        rows.append(("attention", activations.att))
+    """The activation functions of a model (AfGPT or patched), a bank or an activation set: MLP row on top,
+    attention row below (unless att-none), one column per slot titled with the layers that use it."""
+    activations = find_activation_set(source)
+    settings = activations.settings
+    rows = [(ROWS[row], modules) for row, modules in activations.rows().items()]
     fig, axes = new_figure(len(rows), len(activations.mlp), (3.0, 2.7))
     for r, (row_name, modules) in enumerate(rows):
         for slot, module in enumerate(modules):
             ax = axes[r][slot]
             draw_activation(ax, module)
-            ax.set_title(f"{row_name}, {slot_title(slot, config)}", fontsize="medium")
+            ax.set_title(f"{row_name}, slot {slot}: {settings.layer_span(slot)}", fontsize="medium")
             if r == len(rows) - 1:
                 ax.set_xlabel("x")
         axes[r][0].set_ylabel(f"{row_name} f(x)")
         add_legend(axes[r][0], fontsize="x-small")
-    default = "Activation functions" + (f" ({config.af_type})" if config is not None else "")
-    fig.suptitle(title or default)
+    fig.suptitle(title or f"Activation functions ({settings.af_type})")
     return fig
 
 
@@ -231,7 +213,7 @@ def activation_magnitudes_figure(records: list[dict], af_range: float | None = N
             group = [r for r in acts if r["layer"] == layer and r["slot"] == slot]
             if not group:
                 continue
-            label = f"layer {layer} {SLOT_NAMES[slot]}"
+            label = f"layer {layer} {ROWS[slot]}"
             for ax, key in ((mean_ax, "mean_abs"), (max_ax, "max_abs")):
                 ax.plot(*series(group, key), color=color, ls=SLOT_STYLES[slot], lw=1.3, label=label)
     for ax, name in ((mean_ax, "mean"), (max_ax, "max")):

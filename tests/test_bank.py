@@ -15,7 +15,7 @@ from afgpt import bank as bank_lib
 from afgpt import plotting
 from afgpt.activations import Spline
 from afgpt.bank import ActivationBank, plot_activation_file, read_activations
-from afgpt.modeling_afgpt import num_activation_slots
+from afgpt.activation_set import ActivationSet, ActivationSettings
 
 from conftest import perturb, tiny_config
 
@@ -65,7 +65,7 @@ def test_save_and_read_round_trip(tmp_path, af_type, sharing):
     read = read_activations(directory)
     assert_same_tensors(read, bank.state_dict())
     assert read.af_config() == config
-    assert isinstance(read.activations, afgpt.modeling_afgpt.AfGPTActivations)
+    assert isinstance(read.activations, ActivationSet)
 
 
 def test_read_run_directory_whose_settings_win_over_hints(tmp_path):
@@ -75,7 +75,7 @@ def test_read_run_directory_whose_settings_win_over_hints(tmp_path):
     read = read_activations(tmp_path / "run", num_hidden_layers=6, af_layer_specific=1)
     assert_same_tensors(read, bank.state_dict())
     assert list(read.state_dict()) == ["mlp.0.values", "att.0.values"]
-    assert (read.config.num_hidden_layers, read.config.af_layer_specific) == (4, 0)
+    assert (read.settings.num_hidden_layers, read.settings.af_layer_specific) == (4, 0)
 
 
 def test_read_errors_name_the_fix(tmp_path):
@@ -184,8 +184,8 @@ def test_csv_round_trip(tmp_path, af_type, sharing, hints):
     bank = ActivationBank.from_model(model)
     path = bank.to_lmafs_csv(tmp_path / "ptAf-stage1-step0300.csv")
     lines = [torch.tensor([float(v) for v in line.split(",")]) for line in path.read_text().splitlines()]
-    layers = [model.model.layer_activations(i) for i in range(4)]  # lm-afs: every layer's MLP, then attention
-    splines = [m for m in [mlp for mlp, _ in layers] + [att for _, att in layers] if isinstance(m, Spline)]
+    acts = model.model.activations  # lm-afs: every layer's MLP, then attention
+    splines = [m for row in acts.rows() for m in acts.per_layer(row) if isinstance(m, Spline)]
     assert len(lines) == 2 * len(splines) > 0
     for anchors, values, spline in zip(lines[0::2], lines[1::2], splines):
         assert torch.equal(anchors, torch.linspace(-3, 3, 16))
@@ -193,11 +193,11 @@ def test_csv_round_trip(tmp_path, af_type, sharing, hints):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     read = read_activations(path, **hints)
     assert_same_tensors(read, bank.state_dict())
-    assert (read.config.af_layer_specific, read.config.num_hidden_layers) == (sharing, 4)
-    assert (read.config.af_range, read.config.af_n_anchors) == (3.0, 16)
+    assert (read.settings.af_layer_specific, read.settings.num_hidden_layers) == (sharing, 4)
+    assert (read.settings.af_range, read.settings.af_n_anchors) == (3.0, 16)
     assert read.provenance == {"source": str(path), "run": "stage1", "steps": 300}
     if "splinePerDim" in af_type:
-        assert read.config.intermediate_size == 128 and read.config.hidden_size == 32  # lm-afs's 4x MLP
+        assert read.settings.intermediate_size == 128 and read.settings.hidden_size == 32  # lm-afs's 4x MLP
 
 
 def test_csv_in_lmafs_number_format(tmp_path):
@@ -205,8 +205,8 @@ def test_csv_in_lmafs_number_format(tmp_path):
     anchors = torch.linspace(-15, 15, 64)
     functions = [torch.randn(64, generator=torch.Generator().manual_seed(i)) for i in range(6)]
     read = read_activations(lmafs_csv(tmp_path / "ptAf-x-step20000.csv", anchors, functions), num_hidden_layers=3)
-    assert (read.config.af_type, read.config.af_layer_specific) == ("spline;att-spline", 1)
-    assert (read.config.af_range, read.config.af_n_anchors) == (15.0, 64)
+    assert (read.settings.af_type, read.settings.af_layer_specific) == ("spline;att-spline", 1)
+    assert (read.settings.af_range, read.settings.af_n_anchors) == (15.0, 64)
     assert all(torch.equal(a, b) for a, b in zip(per_layer(read, "mlp") + per_layer(read, "att"), functions))
 
 
@@ -215,7 +215,7 @@ def test_csv_sharing_follows_the_values_unless_hinted(tmp_path):
     f, g, h = (torch.randn(16, generator=torch.Generator().manual_seed(i)) for i in range(3))
     middle_shared = lmafs_csv(tmp_path / "a.csv", anchors, [f, g, g, h])
     read = read_activations(middle_shared, af_type="spline;att-linear")
-    assert read.config.af_layer_specific == 2 and len(read.activations.mlp) == 3
+    assert read.settings.af_layer_specific == 2 and len(read.activations.mlp) == 3
     read = read_activations(middle_shared, af_type="spline;att-linear", af_layer_specific=1)
     assert len(read.activations.mlp) == 4
     with pytest.raises(ValueError, match="different MLP activations: pass af_layer_specific=1"):
@@ -236,7 +236,7 @@ def test_ambiguous_csv_names_the_hint(tmp_path):
     odd = lmafs_csv(tmp_path / "b.csv", anchors, [torch.randn(16) for _ in range(3)])
     with pytest.raises(ValueError, match="pass af_type="):
         read_activations(odd)
-    assert read_activations(odd, af_type="gelu;att-spline").config.num_hidden_layers == 3
+    assert read_activations(odd, af_type="gelu;att-spline").settings.num_hidden_layers == 3
 
 
 def test_csv_with_foreign_anchors_is_refused(tmp_path):
@@ -341,7 +341,7 @@ def lmafs_run(tmp_path_factory) -> tuple[dict[str, tuple[ActivationBank, Path]],
     files, jobs = {}, []
     for name, (af_type, sharing, legacy, att_layers) in PT_CASES.items():
         bank = bank_of(af_type, sharing, hidden_size=16, num_hidden_layers=5)
-        config, rows = bank.config, bank.learnable_rows()
+        config, rows = bank.settings, bank.learnable_rows()
         values = {row: per_layer(bank, row) if row in rows else [] for row in ("mlp", "att")}
         spec = dict(nLayers=config.num_hidden_layers, dimEmb=config.hidden_size, afType=config.af_type,
                     afLayerSpecific=sharing, afRange=config.af_range, legacy=legacy, mlp=values["mlp"],
@@ -393,8 +393,8 @@ def test_read_lmafs_pt(lmafs_pt, case):
     read = read_activations(path)
     assert_same_tensors(read, bf16(bank))
     af_type, sharing = PT_CASES[case][:2]
-    assert (read.config.af_type, read.config.af_layer_specific, read.config.num_hidden_layers) == (af_type, sharing, 5)
-    assert (read.config.af_range, read.config.af_n_anchors, read.config.hidden_size) == (3.0, 16, 16)
+    assert (read.settings.af_type, read.settings.af_layer_specific, read.settings.num_hidden_layers) == (af_type, sharing, 5)
+    assert (read.settings.af_range, read.settings.af_n_anchors, read.settings.hidden_size) == (3.0, 16, 16)
     assert read.provenance == {"source": str(path), "run": "stage1", "steps": 20000, "n_models": 20, "seed": 7,
                                "data": "./data-fineweb10B/fineweb_train_*.bin"}
 
@@ -402,7 +402,7 @@ def test_read_lmafs_pt(lmafs_pt, case):
 def test_lmafs_pt_settings_win_over_hints(lmafs_pt):
     bank, path = lmafs_pt["shared"]
     read = read_activations(path, num_hidden_layers=8, af_layer_specific=1, af_type="spline;att-none")
-    assert (read.config.af_type, read.config.af_layer_specific, read.config.num_hidden_layers) == (
+    assert (read.settings.af_type, read.settings.af_layer_specific, read.settings.num_hidden_layers) == (
         "spline;att-spline", 0, 5)
     assert_same_tensors(read, bf16(bank))
 
@@ -480,7 +480,7 @@ def test_shared_bank_expands_to_any_depth(tmp_path, sharing, layers):
     model = afgpt.AfGPTForCausalLM(tiny_config(af_type="splinePerDim;att-spline", af_layer_specific=sharing,
                                                num_hidden_layers=layers, **GRID))
     bank.load_into(model)
-    assert len(model.model.activations.mlp) == num_activation_slots(layers, sharing)
+    assert len(model.model.activations.mlp) == ActivationSettings(num_hidden_layers=layers, af_layer_specific=sharing).num_slots
     for row in ("mlp", "att"):
         for module in getattr(model.model.activations, row):
             assert torch.equal(module.values, getattr(bank.activations, row)[0].values)
@@ -548,11 +548,11 @@ def test_plot_activation_file(tmp_path):
 
 def test_layer_span_is_one_wording_for_plot_titles_and_mismatch_messages():
     config = tiny_config(af_layer_specific=2)  # 4 layers: first and last own theirs, layers 1-2 share slot 1
-    assert [bank_lib.layer_span(slot, config) for slot in range(3)] == ["layer 0", "layers 1–2", "layer 3"]
-    assert bank_lib.layer_span(0, tiny_config(af_layer_specific=0)) == "layers 0–3"
-    assert [plotting.slot_title(slot, config) for slot in range(3)] == [
-        f"slot {slot}: {bank_lib.layer_span(slot, config)}" for slot in range(3)]
-    assert plotting.slot_title(1, None) == "slot 1"
+    settings = ActivationSettings.from_config(config)
+    assert [settings.layer_span(slot) for slot in range(3)] == ["layer 0", "layers 1–2", "layer 3"]
+    assert ActivationSettings(num_hidden_layers=4, af_layer_specific=0).layer_span(0) == "layers 0–3"
+    titles = [ax.get_title() for ax in plotting.activation_figure(afgpt.AfGPTForCausalLM(config)).axes]
+    assert titles[:3] == [f"MLP, slot {slot}: {settings.layer_span(slot)}" for slot in range(3)]
 
 
 def test_afgpt_plot_command(tmp_path, capsys):

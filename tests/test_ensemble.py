@@ -146,7 +146,7 @@ def test_stage_two_loads_the_bank_frozen_and_out_of_every_optimizer(tmp_path):
     learned, (replica,), af_optimizer = stage_two_replicas(tmp_path, af_lr=0.0)
     shared = learned.model.activations.mlp[0].values
     for layer in range(3):  # a layer-shared bank fills a deeper model
-        assert torch.equal(replica.model.model.layer_activations(layer)[0].values, shared)
+        assert torch.equal(replica.model.model.activations.module("mlp", layer).values, shared)
     assert af_optimizer is None
     optimized = {id(p) for g in replica.optimizer.param_groups for p in g["params"]}
     assert not optimized & {id(p) for p in replica.model.model.activations.parameters()}

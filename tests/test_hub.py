@@ -197,3 +197,25 @@ def test_afgpt_push_command_reports_an_unreachable_hub(monkeypatch, run_dir, tmp
     point_hub_at(monkeypatch, f"http://127.0.0.1:{closed_port()}", tmp_path / "hf-cache")
     with pytest.raises(SystemExit, match="afgpt push: error: could not push to 'user/away'.*unreachable"):
         main(["push", str(run_dir), "user/away", "--token", TOKEN])
+
+
+def test_patched_gpt_neo_run_pushes_its_model_and_activations(hub, tmp_path):
+    from transformers import AutoModelForCausalLM, GPTNeoConfig, GPTNeoForCausalLM
+
+    config = GPTNeoConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                          attention_types=[[["global", "local"], 1]], max_position_embeddings=64)
+    model = perturb(afgpt.patch_model(GPTNeoForCausalLM(config), af_type="spline;att-spline"))
+    run = tmp_path / "neo-run"
+    model.save_pretrained(run)
+    ActivationBank.from_model(model, {"run": "neo"}).save(run / "activations")
+    push_run(run, "user/neo", token=TOKEN, include_model=True)
+    files = hub.repos["user/neo"].files("main")
+    assert json.loads(files["config.json"])["model_type"] == "afgpt_gpt_neo"
+    pulled = tmp_path / "pulled"
+    pulled.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (pulled / name).write_bytes(files[name])
+    ids = torch.arange(10)[None]
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(pulled).eval()(ids).logits,
+                               model.eval()(ids).logits, rtol=0, atol=0)
+    assert_same_tensors(load_activations("user/neo").state_dict(), ActivationBank.from_model(model).state_dict())

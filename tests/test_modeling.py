@@ -67,7 +67,7 @@ def test_att_none_has_no_slot_and_att_linear_is_residual_affine():
     captured = {}
     handle = attn.q_proj.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
     cos, sin = model.rotary_emb(x, torch.arange(3)[None])
-    attn(x, (cos, sin), None, model.activations.att[0])
+    attn(x, (cos, sin), None)
     handle.remove()
     torch.testing.assert_close(captured["x"], x + (2 * x + 0.5))  # x + f(a x + b), f = identity
 
@@ -75,8 +75,8 @@ def test_att_none_has_no_slot_and_att_linear_is_residual_affine():
 @pytest.mark.parametrize("sharing, slots", [(0, [0, 0, 0, 0, 0]), (1, [0, 1, 2, 3, 4]), (2, [0, 1, 1, 1, 2])])
 def test_layer_sharing_modes(sharing, slots):
     model = AfGPTModel(tiny_config(num_hidden_layers=5, af_type="spline;att-spline", af_layer_specific=sharing))
-    used = [model.layer_activations(i) for i in range(5)]
-    mlp_ids = [id(mlp) for mlp, _ in used]
+    mlp_ids = [id(model.activations.module("mlp", i)) for i in range(5)]
+    assert [id(model.activations.module("att", i)) for i in range(5)] != mlp_ids
     assert [sorted(set(mlp_ids), key=mlp_ids.index).index(i) for i in mlp_ids] == slots
     assert len(model.activations.mlp) == len(model.activations.att) == max(slots) + 1
 
@@ -89,10 +89,10 @@ def test_sharing_survives_save_and_load(tmp_path):
     assert spline_params == ["model.activations.mlp.0.values", "model.activations.att.0.values"]
     # an update through the last layer is seen by the first
     x = tokens()
-    first_before = loaded.model.layer_activations(0)[0](torch.tensor([0.3])).item()
+    first_before = loaded.model.activations.module("mlp", 0)(torch.tensor([0.3])).item()
     with torch.no_grad():
-        loaded.model.layer_activations(3)[0].values.add_(1.0)
-    assert loaded.model.layer_activations(0)[0](torch.tensor([0.3])).item() == pytest.approx(first_before + 1.0)
+        loaded.model.activations.module("mlp", 3).values.add_(1.0)
+    assert loaded.model.activations.module("mlp", 0)(torch.tensor([0.3])).item() == pytest.approx(first_before + 1.0)
     loaded(x, labels=x).loss.backward()
     assert loaded.model.activations.mlp[0].values.grad is not None
 

@@ -8,7 +8,6 @@ from matplotlib.image import imread
 import afgpt
 from afgpt import plotting
 from afgpt.bank import ActivationBank
-from afgpt.modeling_afgpt import num_activation_slots
 
 from conftest import perturb, tiny_config
 
@@ -62,7 +61,7 @@ def test_plot_activations_writes_png(tmp_path, af_type, sharing):
 def test_activation_figure_has_one_panel_per_slot(af_type, sharing):
     model = tiny_model(af_type, sharing)
     fig = plotting.activation_figure(model)
-    slots = num_activation_slots(model.config.num_hidden_layers, sharing)
+    slots = model.model.activations.settings.num_slots
     rows = 1 if af_type.endswith("att-none") else 2
     assert len(fig.axes) == rows * slots
     assert af_type in fig.get_suptitle()
@@ -119,7 +118,7 @@ def test_activation_figure_accepts_trunk_and_activations_and_any_dtype():
     fig = plotting.activation_figure(model.model, title="bf16 run")
     assert fig.get_suptitle() == "bf16 run" and len(fig.axes) == 8
     fig = plotting.activation_figure(model.model.activations)
-    assert [ax.get_title() for ax in fig.axes[:2]] == ["MLP, slot 0", "MLP, slot 1"]
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["MLP, slot 0: layer 0", "MLP, slot 1: layer 1"]  # the set knows its layers
     assert model.model.activations.mlp[0].values.dtype == torch.bfloat16  # plotted a copy
 
 

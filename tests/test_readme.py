@@ -18,3 +18,11 @@ def test_ci_runs_the_readme_test_command():
     command = re.search(r"## Test\n\n```bash\n(.*?)\n```", README.read_text(), re.S).group(1)
     ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()
     assert command in ci  # exactly that line; the floor check runs after it
+
+
+def test_readme_patch_example_runs(tmp_path, monkeypatch, capsys):
+    code = re.search(r"```python\n# patch-example\n(.*?)```", README.read_text(), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, str(README), "exec"), {})
+    assert capsys.readouterr().out.split() == ["AfGPTNeoForCausalLM", "afgpt_gpt_neo"]
+    assert (tmp_path / "neo-spline" / "model.safetensors").exists()

@@ -101,7 +101,7 @@ def test_lm_afs_readme_stage_one_then_stage_two(shards, capsys):
     assert "20 replicas sharing their activations" in log
     assert "replicas 19/20 active" in log  # in 6 steps the last replica (start round(5.7) = 6) never runs
     learned = read_activations(stage_one)
-    assert learned.config.af_layer_specific == 0 and not torch.all(learned.state_dict()["mlp.0.values"] == 0.01)
+    assert learned.settings.af_layer_specific == 0 and not torch.all(learned.state_dict()["mlp.0.values"] == 0.01)
 
     train_afgpt.main([*TINY, *shards, *README_STAGE_TWO, str(stage_one)])
     final = read_activations(results / "optimizedMlpAtt-layerShared-phase2" / "activations")

@@ -20,6 +20,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .. import data as data_lib
+from ..activation_set import find_activation_set
 from ..bank import ActivationBank
 from ..ensemble import Replica, average_shared_gradients, build_replicas, schedule_offsets, start_steps
 from ..hub import load_activations
@@ -62,7 +63,7 @@ def build_model(cfg: TrainConfig, run_data: RunData, bank: ActivationBank | None
                 f"model {cfg.model_name_or_path} has vocab_size {model.config.vocab_size} but the tokenizer has "
                 f"{run_data.vocab_size} tokens: use the tokenizer the model was trained with")
         return model
-    grid = bank.config if bank is not None else cfg
+    grid = bank.settings if bank is not None else cfg
     config = cfg.model_config(
         run_data.vocab_size, af_range=grid.af_range, af_n_anchors=grid.af_n_anchors,
         doc_separator_token_id=run_data.doc_separator,
@@ -78,7 +79,7 @@ def load_bank(cfg: TrainConfig) -> ActivationBank | None:
     bank = load_activations(cfg.af_file, num_hidden_layers=cfg.num_hidden_layers, af_type=cfg.af_type,
                             af_layer_specific=cfg.af_layer_specific)
     mode = "frozen" if cfg.af_lr == 0 else f"fine-tuned with af_lr {cfg.af_lr}"
-    logger.info(f"loaded activations from {cfg.af_file} ({bank.config.af_type}, {mode})")
+    logger.info(f"loaded activations from {cfg.af_file} ({bank.settings.af_type}, {mode})")
     return bank
 
 
@@ -103,7 +104,7 @@ def build_replica_set(cfg: TrainConfig, run_data: RunData, accelerator: Accelera
     models = build_replicas(make_model, cfg.n_models, cfg.same_init_across_models)
     if bank is not None:
         bank.load_into(models[0], freeze=cfg.af_lr == 0)  # replica 0's activations are everyone's
-    af_optimizer = activation_optimizer(models[0].base_model.activations, cfg)
+    af_optimizer = activation_optimizer(find_activation_set(models[0]), cfg)
     optimizers = [weight_optimizer(model, cfg) for model in models]
     prepared = accelerator.prepare(*models, *optimizers, *([af_optimizer] if af_optimizer else []))
     models, optimizers = prepared[:cfg.n_models], prepared[cfg.n_models:2 * cfg.n_models]
@@ -125,7 +126,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
 
     `model_factory(m)`, if given, makes replica m's model instead of the AfGPT that cfg's model fields describe;
     it is called after seeding with cfg.seed + m (the models it makes are trained, evaluated and saved like AfGPT:
-    they take shift_labels, and their activations are at model.base_model.activations).
+    they take shift_labels, and afgpt.find_activation_set finds their activations: AfGPT, or a patched model).
 
     With n_models > 1 this is stage I of activation discovery: replicas sharing one set of activations;
     evaluation, plots and saved files use replica 0, as in lm-afs. `resume` continues the run in

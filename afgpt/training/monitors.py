@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..activation_set import SlotActivation
 from ..losses import token_accuracy
 from ..plotting import plot_activation_magnitudes, plot_activations, plot_training_curves
 from .config import TrainConfig
@@ -15,30 +16,28 @@ logger = logging.getLogger("afgpt")
 
 
 class ActivationMagnitudes:
-    """Records mean and max |pre-activation| of every layer's MLP and attention slot via forward hooks."""
+    """Mean and max |input| of every layer's MLP and attention activation (AfGPT or patched), over all the
+    forwards it watches, via hooks on the layers' activation slots."""
 
     def __init__(self, model: torch.nn.Module):
-        self.values: dict[tuple[int, str], tuple[float, float]] = {}
-        self.handles = []
-        for i, layer in enumerate(model.base_model.layers):
-            self._watch(layer.mlp.fc, i, "mlp")
-            if layer.attn.pre_activation is not None:
-                self._watch(layer.attn.pre_activation, i, "att")
+        self.sums: dict[tuple[int, str], list[float]] = {}  # (layer, row) -> [sum |x|, count, max |x|]
+        self.handles = [module.register_forward_pre_hook(self.hook) for module in model.modules()
+                        if isinstance(module, SlotActivation)]
 
-    def _watch(self, module: torch.nn.Module, layer: int, slot: str) -> None:
-        def hook(_module, _inputs, output):
-            x = output.detach().abs().float()
-            self.values[(layer, slot)] = (x.mean().item(), x.max().item())
-
-        self.handles.append(module.register_forward_hook(hook))
+    def hook(self, module: SlotActivation, inputs: tuple[torch.Tensor]) -> None:
+        x = inputs[0].detach().abs().float()
+        sums = self.sums.setdefault((module.layer, module.row), [0.0, 0, 0.0])
+        sums[0] += x.sum().item()
+        sums[1] += x.numel()
+        sums[2] = max(sums[2], x.max().item())
 
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
 
     def records(self, step: int) -> list[dict]:
-        return [{"kind": "act", "step": step, "layer": layer, "slot": slot, "mean_abs": mean, "max_abs": peak}
-                for (layer, slot), (mean, peak) in sorted(self.values.items())]
+        return [{"kind": "act", "step": step, "layer": layer, "slot": row, "mean_abs": total / count, "max_abs": peak}
+                for (layer, row), (total, count, peak) in sorted(self.sums.items())]
 
 
 @torch.no_grad()

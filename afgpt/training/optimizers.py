@@ -2,14 +2,16 @@
 import torch
 from transformers import Trainer
 
+from ..activation_set import find_activation_set
 from .config import TrainConfig
 
 
 def split_parameters(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
-    """(weights, activation parameters) of an AfGPT model; frozen parameters are left out."""
-    activation_ids = {id(p) for p in model.base_model.activations.parameters()}
+    """(weights, activation parameters) of an AfGPT or patched model; frozen parameters are left out."""
+    activation_set = find_activation_set(model)
+    activation_ids = {id(p) for p in activation_set.parameters()}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in activation_ids]
-    activations = [p for p in model.base_model.activations.parameters() if p.requires_grad]
+    activations = [p for p in activation_set.parameters() if p.requires_grad]
     return weights, activations
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from ..activation_set import find_activation_set
 from ..plotting import plot_activations
 from .optimizers import decay_parameter_names, split_parameters, weight_groups
 
@@ -34,7 +35,7 @@ class AfTrainer(Trainer):
         if self.optimizer is None:
             model = self.model if model is None else model
             if self.af_lr == 0:
-                model.base_model.activations.requires_grad_(False)
+                find_activation_set(model).requires_grad_(False)
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             groups = weight_groups(model, self.args.weight_decay, set(self.get_decay_parameter_names(model)))
             _, activations = split_parameters(model)

@@ -1,0 +1,85 @@
+"""The feed-forward registry, and AfGPT with a KAN feed-forward."""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+import afgpt
+from afgpt.ffn import FFN_TYPES, MLP, FFNSettings, build_ffn
+from afgpt.kan import KANFeedForward, KANLinear
+from conftest import perturb, tiny_config
+
+
+def test_registry_builds_each_type_from_explicit_arguments():
+    assert FFN_TYPES == ("mlp", "kan")
+    activation = torch.nn.GELU()
+    mlp = build_ffn(FFNSettings(hidden_size=8, intermediate_size=32), activation)
+    assert isinstance(mlp, MLP) and mlp.activation is activation
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        mlp.proj.weight.normal_()
+    torch.testing.assert_close(mlp(x), F.gelu(x @ mlp.fc.weight.T) @ mlp.proj.weight.T)
+    kan = build_ffn(FFNSettings(ffn_type="kan", hidden_size=8, intermediate_size=32, kan_grid_size=7,
+                                kan_spline_order=2, kan_grid_range=(-3, 3)), activation)
+    assert isinstance(kan, KANFeedForward) and kan.fc.base_activation is activation is kan.proj.base_activation
+    assert (kan.fc.grid_size, kan.fc.spline_order, kan.fc.grid_range) == (7, 2, (-3.0, 3.0))
+
+
+@pytest.mark.parametrize("width", ["params", "mlp"])
+def test_kan_width_matches_the_mlp_in_parameters_or_in_width(width):
+    settings = FFNSettings(ffn_type="kan", hidden_size=64, intermediate_size=256, kan_width=width)
+    kan = build_ffn(settings, torch.nn.SiLU())
+    mlp_params = 2 * 64 * 256
+    kan_params = sum(p.numel() for p in kan.parameters())
+    if width == "mlp":
+        assert kan.fc.out_features == 256
+    else:  # one hidden unit of the KAN holds 2 * 64 * (G + k + 2) parameters
+        assert abs(kan_params - mlp_params) <= 64 * (5 + 3 + 2)
+    assert f"parameters={kan_params:,}" in repr(kan)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(ffn_type="moe"), "ffn_type='moe' is invalid: allowed values are mlp, kan"),
+    (dict(kan_width="huge"), "kan_width='huge' is invalid"),
+    (dict(kan_grid_size=0), "kan_grid_size=0 is invalid"),
+    (dict(kan_spline_order=0), "kan_spline_order=0 is invalid"),
+    (dict(kan_grid_range=(1, -1)), "kan_grid_range=.* is invalid"),
+    (dict(ffn_type="kan", af_type="prelu;att-none"), "cannot be per-channel"),
+    (dict(ffn_type="kan", af_type="splinePerDim;att-none"), "cannot be per-channel"),
+])
+def test_bad_ffn_settings_name_the_field_and_the_fix(fields, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**fields)
+
+
+def test_afgpt_with_kan_uses_the_mlp_activation_as_base_and_trains():
+    model = afgpt.AfGPTForCausalLM(tiny_config(af_type="spline;att-none", ffn_type="kan", af_layer_specific=0))
+    ffn = model.model.layers[1].mlp
+    assert isinstance(ffn, KANFeedForward)
+    x = torch.randint(0, 97, (2, 9))
+    before = model(x).logits
+    with torch.no_grad():
+        model.model.activations.mlp[0].values.fill_(1.0)  # the base function of every KAN layer
+    assert not torch.allclose(model(x).logits, before)
+    loss = model(x, labels=x).loss
+    loss.backward()
+    assert model.model.activations.mlp[0].values.grad is not None and ffn.fc.spline_weight.grad is not None
+
+
+def test_afgpt_kan_round_trips_and_initialises_on_the_meta_device(tmp_path):
+    config = tiny_config(af_type="silu;att-linear", ffn_type="kan", kan_grid_size=4, kan_grid_range=(-2, 2))
+    model = perturb(afgpt.AfGPTForCausalLM(config))
+    with torch.no_grad():
+        model.model.layers[0].mlp.fc.update_grid(torch.randn(64, 32))  # a refitted, non-uniform grid is saved too
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    x = torch.randint(0, 97, (2, 7))
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+    assert torch.equal(loaded.model.layers[0].mlp.fc.grid, model.model.layers[0].mlp.fc.grid)
+    fresh = AutoModelForCausalLM.from_config(config)  # built on the meta device, initialised by _init_weights
+    for module in fresh.modules():
+        if isinstance(module, KANLinear):
+            assert all(torch.isfinite(t).all() for t in (*module.parameters(recurse=False), module.grid))
+            knots = torch.arange(-3, 4 + 3 + 1) * 1.0 - 2.0  # uniform on (-2, 2), 4 intervals, 3 more each side
+            torch.testing.assert_close(module.grid, knots.expand_as(module.grid))
+            assert module.base_weight.abs().sum() > 0
