@@ -32,11 +32,11 @@ def field_help(name: str) -> str:
 
 
 def _field_type(field: dataclasses.Field) -> type:
-    """The concrete type of a TrainConfig field (the X of `X | None`)."""
+    """The concrete type of a TrainConfig field (the X of `X | None`; tuple for `tuple[float, float]`)."""
     kind = field.type
     if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
         kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-    return kind
+    return typing.get_origin(kind) or kind
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +47,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
                                 help=field_help(field.name))
+        elif kind is tuple:  # a pair of floats: --kan-grid-range LOW HIGH
+            parser.add_argument(flag, type=float, nargs=2, default=field.default, help=field_help(field.name),
+                                metavar=("LOW", "HIGH"))
         else:
             parser.add_argument(flag, type=kind, default=field.default, help=field_help(field.name),
                                 metavar=field.name.upper())
@@ -89,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="afgpt", description="Activation-function research on small LMs.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train_parser = commands.add_parser("train", help="train an AfGPT model (default: small model, built-in corpus)",
+    train_parser = commands.add_parser("train", help="train an AfGPT, GPT-Neo or RoBERTa model (default: a small "
+                                                     "AfGPT, built-in corpus)",
                                        formatter_class=DefaultsHelpFormatter)
     add_train_arguments(train_parser)
     train_parser.set_defaults(run=run_train)

@@ -26,6 +26,8 @@ from .paths import looks_like_path
 
 BUILTIN_PYDOC = "builtin:pydoc"
 EOT_TOKEN = "<|endoftext|>"
+MASKED_LM_TOKENS = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+                    "mask_token": "<mask>"}  # RoBERTa's, in roberta-base's id order
 DEFAULT_VOCAB_SIZE = 2048  # a 50k vocabulary would dominate the parameters of a ~1M-parameter model
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -160,25 +162,31 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE,
+                    masked_lm: bool = False) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE (GPT-2 style, lossless on any text) with EOT_TOKEN as eos/bos.
 
-    Returned as a transformers tokenizer so it is saved with save_pretrained next to every model
-    and reloaded with AutoTokenizer. The vocabulary may stay below `vocab_size` on a tiny corpus.
+    With `masked_lm`, the special tokens are RoBERTa's instead (MASKED_LM_TOKENS: <s> bos, <pad>, </s> eos and
+    document separator, <unk>, <mask>, ids 0-4), as a masked LM needs. Returned as a transformers tokenizer so
+    it is saved with save_pretrained next to every model and reloaded with AutoTokenizer. The vocabulary may
+    stay below `vocab_size` on a tiny corpus.
     """
-    if not 257 <= vocab_size <= MAX_SHARD_VOCAB:
-        raise ValueError(f"vocab_size must be in [257, {MAX_SHARD_VOCAB}] (256 bytes + {EOT_TOKEN}; uint16 shards), "
-                         f"got {vocab_size}")
+    specials = list(MASKED_LM_TOKENS.values()) if masked_lm else [EOT_TOKEN]
+    if not 256 + len(specials) <= vocab_size <= MAX_SHARD_VOCAB:
+        raise ValueError(f"vocab_size must be in [{256 + len(specials)}, {MAX_SHARD_VOCAB}] (256 bytes + "
+                         f"{' '.join(specials)}; uint16 shards), got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
-        special_tokens=[EOT_TOKEN],
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    if masked_lm:
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **MASKED_LM_TOKENS)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOT_TOKEN, bos_token=EOT_TOKEN)
 
 

@@ -1,13 +1,14 @@
 """B-spline KAN layers: efficient-kan's KANLinear with a basis that is cheap to train, and a KAN feed-forward.
 
 efficient-kan (github.com/Blealtan/efficient-kan) evaluates all G+k B-splines of every input with the Cox-de Boor
-recursion on [N, in, G+2k+1] tensors and lets autograd keep every level for the backward. But on each knot interval
+recursion on [N, in, G+2k+1] tensors and lets autograd keep every level for the backward. Yet on each knot interval
 every B-spline is a polynomial of degree k. So each call first turns the grid into a small table (per feature and
 interval, the k+1 coefficients of all G+k B-splines, interpolated at Chebyshev nodes); an input then needs only its
 interval (one comparison per knot), that row of the table and Horner's rule: shape-static elementwise work without
 [N, in, G+2k+1] intermediates, which torch.compile fuses into a few kernels. The backward recomputes the same from x
-with a table of the splines' derivatives, so autograd keeps only x besides what the matmuls keep. Grids may be non-uniform (update_grid makes them
-so); outputs and gradients match efficient-kan's formulation to fp32 rounding, inside and outside the grid.
+with a table of the splines' derivatives, so besides what the matmuls keep, autograd saves only x. Grids may be
+non-uniform (update_grid makes them so); outputs and gradients match efficient-kan's formulation to fp32 rounding,
+inside and outside the grid.
 
 Parameter and buffer names and shapes are efficient-kan's, so state dicts map over. One deliberate difference:
 update_grid keeps the function on the data (efficient-kan refits spline_weight to the function including
@@ -36,12 +37,13 @@ def _cox_de_boor(x: torch.Tensor, grid: torch.Tensor, k: int) -> torch.Tensor:
 def _cox_de_boor_slopes(x: torch.Tensor, grid: torch.Tensor, k: int) -> torch.Tensor:
     """d/dx of the order-k B-splines at x [N, in], from the order k-1 ones: [N, in, K-1-k]."""
     lower = _cox_de_boor(x, grid, k - 1)
-    return k * (lower[..., :-1] / (grid[:, k:-1] - grid[:, :-k - 1]) - lower[..., 1:] / (grid[:, k + 1:] - grid[:, 1:-k]))
+    return k * (lower[..., :-1] / (grid[:, k:-1] - grid[:, :-k - 1])
+                - lower[..., 1:] / (grid[:, k + 1:] - grid[:, 1:-k]))
 
 
 def _chebyshev_inverse_vandermonde(k: int) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
     """The k+1 Chebyshev nodes in [-1, 1] and the matrix that maps a degree-k polynomial's values there to its
-    coefficients of v^0..v^k; with these nodes and v centred on the interval, fp32 suffices (errors ~1e-7 for k <= 4)."""
+    coefficients of v^0..v^k; with these nodes and v centred on the interval, fp32 suffices (~1e-7 errors, k <= 4)."""
     nodes = torch.cos((2 * torch.arange(k, -1, -1, dtype=torch.float64, device="cpu") + 1) * math.pi / (2 * k + 2))
     inverse = torch.linalg.inv(torch.vander(nodes, increasing=True))
     return tuple(nodes.tolist()), tuple(map(tuple, inverse.tolist()))
@@ -49,31 +51,30 @@ def _chebyshev_inverse_vandermonde(k: int) -> tuple[tuple[float, ...], tuple[tup
 
 def _poly_table(grid: torch.Tensor, k: int, vandermonde: tuple, dtype: torch.dtype, slopes: bool = False):
     """The B-splines (or, with slopes, their x-derivatives) as polynomials on each knot interval, in
-    v = (x - mid) / half (v in [-1, 1] on the interval):
-    coefficients [k+1, (K+1) * in, G+k] (power, row, spline), and each row's mid and 1/half [(K+1) * in]. Row
-    i * in + f is feature f's interval i-1; rows i = 0 and i = K stand for inputs left and right of the grid (all
-    zero). The pieces are interpolated exactly from the splines' values at k+1 nodes per interval; the table ends in
-    a matmul, so under torch.compile it is computed once per call, not inside the per-input kernels."""
+    v = (x - mid) / half, which runs over [-1, 1] on the interval. Returns the coefficients [k+1, (K+1) * in, G+k]
+    (power, row, spline), each row's mid and 1/half [(K+1) * in], and the knots [K, in]. Row i * in + f is feature
+    f's interval i-1; rows i = 0 and i = K stand for inputs left and right of the grid (all zero). The pieces are
+    interpolated from the splines' values at k+1 nodes per interval, with elementwise ops only: exact up to
+    rounding, whatever the autocast or TF32 matmul settings."""
     nodes, inverse = vandermonde
     g = grid.to(dtype)
     features, knots = g.shape
     mid, half = ((g[:, 1:] + g[:, :-1]) / 2).T, ((g[:, 1:] - g[:, :-1]) / 2).T  # [K-1, in]
     points = mid + half * torch.tensor(nodes, dtype=dtype, device=g.device)[:, None, None]  # [k+1, K-1, in]
     values = (_cox_de_boor_slopes if slopes else _cox_de_boor)(points.flatten(0, 1), g, k)
-    values = values.view(k + 1, knots - 1, features, -1)
-    values = F.pad(values, (0, 0, 0, 0, 1, 1)).flatten(1)
+    values = F.pad(values.view(k + 1, knots - 1, features, -1), (0, 0, 0, 0, 1, 1))
     coef = torch.stack([sum(a * value for a, value in zip(row, values)) for row in inverse])
-    coef = coef.view(k + 1, (knots + 1) * features, -1)
+    # one small table for the lookups: torch.compile then stores it once and reads the knots contiguously
     small = torch.cat([F.pad(mid, (0, 0, 1, 1)), F.pad(1 / half, (0, 0, 1, 1)), g.T])
-    return coef, small[:knots + 1].flatten(), small[knots + 1:2 * knots + 2].flatten(), small[2 * knots + 2:]
+    return coef.flatten(1, 2), *small[:2 * knots + 2].view(2, -1), small[2 * knots + 2:]
 
 
-def _locate(x: torch.Tensor, grid: torch.Tensor, mid: torch.Tensor, inv_half: torch.Tensor):
+def _locate(x: torch.Tensor, knots: torch.Tensor, mid: torch.Tensor, inv_half: torch.Tensor):
     """Each input's table row (int32) and its coordinate v on that row's interval."""
-    knots, features = grid.shape
+    features = x.shape[-1]
     count = torch.zeros_like(x, dtype=torch.int32)
-    for j in range(knots):  # a comparison per knot: cheaper than a search for so few, and it fuses
-        count += x >= grid[j]
+    for knot in knots:  # a comparison per knot: cheaper than a search for so few, and it fuses
+        count += x >= knot
     row = count * features + torch.arange(features, device=x.device, dtype=torch.int32)
     return row, (x - mid[row]) * inv_half[row]
 
@@ -95,22 +96,19 @@ def _basis(x: torch.Tensor, grid: torch.Tensor, k: int, vandermonde: tuple, dtyp
 
 
 class _BSplineBasis(torch.autograd.Function):
-    """Dense basis in fp32, returned in x's dtype. Saves only x (which the base branch keeps anyway); the backward
-    locates it again and evaluates the slope table there (no gradient for the grid)."""
-
     @staticmethod
     def forward(ctx, x, grid, k, vandermonde):
-        ctx.save_for_backward(x, grid)
-        ctx.k, ctx.vandermonde = k, vandermonde
-        with torch.autocast(x.device.type, enabled=False):  # the table's matmul must stay fp32
-            return _basis(x, grid, k, vandermonde, torch.float32).to(x.dtype)
+        coef, mid, inv_half, knots = _poly_table(grid, k, vandermonde, torch.float32)
+        row, v = _locate(x.float(), knots, mid, inv_half)
+        ctx.save_for_backward(row, v, grid)
+        ctx.k, ctx.vandermonde, ctx.dtype = k, vandermonde, x.dtype
+        return _horner(coef, row, v).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, grid = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):
-            slope = _basis(x, grid, ctx.k, ctx.vandermonde, torch.float32, slopes=True)
-        return (grad.float() * slope).sum(-1).to(x.dtype), None, None, None
+        row, v, grid = ctx.saved_tensors
+        slope = _poly_table(grid, ctx.k, ctx.vandermonde, torch.float32, slopes=True)[0]
+        return (grad.float() * _horner(slope, row, v)).sum(-1).to(ctx.dtype), None, None, None
 
 
 class KANLinear(nn.Module):

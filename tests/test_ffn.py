@@ -83,3 +83,42 @@ def test_afgpt_kan_round_trips_and_initialises_on_the_meta_device(tmp_path):
             knots = torch.arange(-3, 4 + 3 + 1) * 1.0 - 2.0  # uniform on (-2, 2), 4 intervals, 3 more each side
             torch.testing.assert_close(module.grid, knots.expand_as(module.grid))
             assert module.base_weight.abs().sum() > 0
+
+
+def test_kan_grid_coverage_counts_inputs_outside_every_layer():
+    from afgpt.training.monitors import KANGridCoverage
+
+    model = afgpt.AfGPTForCausalLM(tiny_config(af_type="silu;att-none", ffn_type="kan", num_hidden_layers=2))
+    seen = {}
+    for name, module in model.named_modules():
+        if isinstance(module, KANLinear):
+            module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, []).append(args[0]))
+    coverage = KANGridCoverage(model)
+    with torch.no_grad():
+        model(torch.randint(0, 97, (2, 6)))
+        model(torch.randint(0, 97, (3, 4)))
+    coverage.close()
+    records = {r["module"]: r["outside_fraction"] for r in coverage.records(step=3)}
+    assert set(records) == set(seen) == {f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("fc", "proj")}
+    for name, inputs in seen.items():
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
+        assert records[name] == pytest.approx(((x < -1) | (x > 1)).float().mean().item())  # grid (-1, 1)
+
+
+def test_afgpt_with_kan_trains_through_the_loop_and_reports_grid_coverage(tmp_path):
+    import json
+
+    from afgpt.training import train
+    from conftest import tiny_run
+
+    final = train(tiny_run(tmp_path, af_type="spline;att-none", ffn_type="kan", kan_grid_range=(-2.0, 2.0),
+                           max_steps=10, eval_steps=10, save_steps=10, cooldown_steps=3))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    grid = [r for r in records if r["kind"] == "kan_grid"]
+    assert {r["module"] for r in grid} == {f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("fc", "proj")}
+    assert all(0 <= r["outside_fraction"] < 1 for r in grid)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "KAN inputs outside the grid" in log and "KAN feed-forwards:" in log
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    assert isinstance(loaded.model.layers[0].mlp, KANFeedForward) and loaded.config.kan_grid_range == [-2.0, 2.0]
+    assert final["val_loss"] < 6.0

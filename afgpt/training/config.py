@@ -8,10 +8,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import data as data_lib
-from ..activations import ACTIVATION_NAMES
+from ..activation_set import ActivationSettings
+from ..activations import ACTIVATION_NAMES, parse_af_spec
 from ..atomic import write_text_atomically
 from ..configuration_afgpt import AfGPTConfig
 from ..ensemble import start_steps
+from ..ffn import FFNSettings, check_ffn_activation
 from ..hub import FILE_SUFFIXES as ACTIVATION_FILE_SUFFIXES
 from ..paths import looks_like_path
 
@@ -20,6 +22,12 @@ COS_MIN_FACTOR = 5e-4
 WARMUP_PERCENT, COOLDOWN_PERCENT = 10, 50  # of max_steps, for warmup/cooldown left unset (200 steps: 20 and 100)
 POSITIVE_FIELDS = ("max_steps", "per_device_train_batch_size", "seq_length", "gradient_accumulation_steps",
                    "logging_steps", "eval_steps", "save_steps", "eval_batches", "val_tokens")
+FAMILIES = ("afgpt", "gpt-neo", "roberta")  # --model; afgpt.training.families builds them
+FAMILY_FFN_TYPES = ("mlp", "kan")  # the feed-forwards afgpt.patch_model puts into GPT-Neo and RoBERTa
+SIZES = {  # --size presets (the same shape for every family; non-embedding parameters: GPT-Neo, RoBERTa, AfGPT)
+    "tiny": {"hidden_size": 128, "num_hidden_layers": 5, "num_attention_heads": 4},  # 0.99M, 1.01M, ~1M
+    "small": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 6},  # 10.6M, 10.8M, ~10.6M
+}
 RESUMABLE_FIELDS = ("max_steps", "logging_steps", "eval_steps", "save_steps", "save_af_steps", "plotting_level",
                     "log_file")
 
@@ -33,7 +41,12 @@ def option(default, help_text: str):
 class TrainConfig:
     """Everything that defines a training run; saved as train_config.json in the run directory.
 
-    Defaults train a small model on the built-in corpus in a few minutes on two CPU cores.
+    Defaults train a small AfGPT on the built-in corpus in a few minutes on two CPU cores. `model` picks the
+    family: afgpt, gpt-neo (transformers' GPTNeoForCausalLM, causal LM) or roberta (RobertaForMaskedLM, masked LM),
+    the latter two patched with the activation and feed-forward settings (afgpt.patch_model). `size` presets the
+    shape for any family: tiny = hidden 128, 5 layers, 4 heads, MLP 512 (~1M non-embedding parameters: GPT-Neo
+    0.99M, RoBERTa 1.01M); small = hidden 384, 6 layers, 6 heads, MLP 1536 (~10M: GPT-Neo 10.6M, RoBERTa 10.8M).
+    Unset, the width/depth flags apply; set, they must be left at their defaults (or agree).
     Optimisation defaults are lm-afs's (Adam betas (0.8, 0.95), activations with their own Adam).
     warmup_steps and cooldown_steps left unset (None) become 10% and 50% of max_steps, so any run
     length works; train_config.json records the values that ran. Every setting is checked here
@@ -58,15 +71,25 @@ class TrainConfig:
                                          "--vocab-size tokens on the data; for .bin shards, the tokenizer "
                                          "`afgpt prepare` saved beside them, else GPT-2's)")
     vocab_size: int = option(data_lib.DEFAULT_VOCAB_SIZE, "size of the BPE tokenizer trained on the data when "
-                                                          "there is no --tokenizer")
+                                                          "there is no --tokenizer (for roberta it also holds "
+                                                          "<s> <pad> </s> <unk> <mask>)")
     val_tokens: int = option(32768, "tokens of text data held out for validation")
     # model
-    model_name_or_path: str | None = option(None, "continue from a saved AfGPT (folder or Hub name) instead of a "
-                                                  "fresh model; the model flags below are then unused (default: "
-                                                  "a fresh model)")
-    hidden_size: int = option(128, "model width")
-    num_hidden_layers: int = option(4, "number of transformer layers")
-    num_attention_heads: int = option(4, "attention heads; they must divide --hidden-size into an even head size")
+    model: str = option("afgpt", "model family: afgpt (this package's GPT, causal LM), gpt-neo (transformers' "
+                                 "GPTNeoForCausalLM, causal LM, eager attention) or roberta (RobertaForMaskedLM, "
+                                 "masked LM: 15% of the tokens masked with the 80/10/10 rule, SDPA attention, "
+                                 "no dropout); gpt-neo and roberta get the --af-type and --ffn-type settings "
+                                 "through afgpt.patch_model")
+    size: str | None = option(None, "model size preset, for every --model: tiny (hidden 128, 5 layers, 4 heads, MLP "
+                                    "512: ~1M non-embedding parameters) or small (hidden 384, 6 layers, 6 heads, MLP "
+                                    "1536: ~10M); default: --hidden-size, --num-hidden-layers, --num-attention-heads")
+    model_name_or_path: str | None = option(None, "continue from a saved model of --model's family (folder or Hub "
+                                                  "name) instead of a fresh model; the model flags below are then "
+                                                  "unused (default: a fresh model)")
+    hidden_size: int = option(128, "model width (unless --size)")
+    num_hidden_layers: int = option(4, "number of transformer layers (unless --size)")
+    num_attention_heads: int = option(4, "attention heads (unless --size); they must divide --hidden-size (afgpt: "
+                                         "into an even head size)")
     af_type: str = option("gelu;att-linear",
                           "activation spec '<mlp>;att-<att>', e.g. 'gelu;att-linear' (baseline) or "
                           "'spline;att-spline'; names: " + " ".join(ACTIVATION_NAMES) + ", and att-none")
@@ -75,8 +98,17 @@ class TrainConfig:
     af_range: float = option(15.0, "splines: anchors evenly spaced on [-af_range, af_range]")
     af_n_anchors: int = option(64, "splines: number of anchors")
     af_init: float = option(0.01, "splines: initial constant value, or -1 to start as the identity")
-    context_size: int | None = option(None, "sliding attention window in tokens (default: full causal attention)")
-    doc_masking: bool = option(True, "keep attention inside documents (lm-afs)")
+    ffn_type: str = option("mlp", "feed-forward: mlp (the family's MLP with the --af-type MLP activation) or kan "
+                                  "(a B-spline KAN whose base function is that activation)")
+    kan_grid_size: int = option(5, "kan: grid intervals of each B-spline")
+    kan_spline_order: int = option(3, "kan: B-spline order (3: cubic)")
+    kan_grid_range: tuple[float, float] = option((-1.0, 1.0), "kan: the splines' grid range LOW HIGH")
+    kan_width: str = option("params", "kan: hidden width; params (the KAN has as many parameters as the MLP) or "
+                                      "mlp (the MLP's width)")
+    context_size: int | None = option(None, "afgpt: sliding attention window in tokens (default: full causal "
+                                            "attention)")
+    doc_masking: bool | None = option(None, "afgpt: keep attention inside documents, as lm-afs (default: on for "
+                                            "afgpt; gpt-neo and roberta have no document masking)")
     # optimisation
     max_steps: int = option(200, "optimizer steps (the default is ~4 epochs of the built-in corpus; more only "
                                  "memorises it); --resume may raise it to train longer")
@@ -142,7 +174,37 @@ class TrainConfig:
             raise ValueError(f"mixed_precision={self.mixed_precision!r}: use 'no' or 'bf16'")
         if self.data.endswith(".bin") and not self.val_data:
             raise ValueError("training on .bin shards needs val_data (--val-data, a glob of validation shards)")
-        self.model_config(vocab_size=1)  # AfGPTConfig checks the model fields, with its own messages
+        self.kan_grid_range = tuple(float(v) for v in self.kan_grid_range)  # a list when read from JSON
+        self._resolve_model()
+        if self.model == "afgpt":
+            self.model_config(vocab_size=1)  # AfGPTConfig checks the model fields, with its own messages
+        else:
+            check_family_settings(self)
+
+    def _resolve_model(self) -> None:
+        """The family, the size preset and the family-specific defaults (doc_masking)."""
+        if self.model not in FAMILIES:
+            raise ValueError(f"model={self.model!r} is not a model family afgpt trains: choose one of "
+                             f"{', '.join(FAMILIES)}")
+        if self.size is not None:
+            if self.size not in SIZES:
+                raise ValueError(f"size={self.size!r} is not a size preset: choose one of {', '.join(SIZES)}, or "
+                                 "leave it unset and give --hidden-size, --num-hidden-layers, --num-attention-heads")
+            for name, value in SIZES[self.size].items():
+                given = getattr(self, name)
+                if given not in (value, TrainConfig.__dataclass_fields__[name].default):
+                    raise ValueError(f"{name}={given} conflicts with size={self.size!r}, which sets {name}={value}: "
+                                     f"drop --{name.replace('_', '-')} or --size")
+                setattr(self, name, value)
+        if self.model != "afgpt":
+            unsupported = {"doc_masking": self.doc_masking is True, "context_size": self.context_size is not None}
+            for name, given in unsupported.items():
+                if given:
+                    raise ValueError(f"{name}={getattr(self, name)!r}: only --model afgpt has {name.replace('_', ' ')}"
+                                     f" ({self.model} attends across documents and over the whole sequence); drop "
+                                     f"--{name.replace('_', '-')}")
+        if self.doc_masking is None:
+            self.doc_masking = self.model == "afgpt"
 
     def _check_schedule(self) -> None:
         """The learning-rate schedule must fit in max_steps; only trap has a cooldown."""
@@ -168,7 +230,8 @@ class TrainConfig:
             af_type=self.af_type, af_layer_specific=self.af_layer_specific,
             af_range=self.af_range if af_range is None else af_range,
             af_n_anchors=self.af_n_anchors if af_n_anchors is None else af_n_anchors, af_init=self.af_init,
-            context_size=self.context_size, **kwargs)
+            ffn_type=self.ffn_type, kan_grid_size=self.kan_grid_size, kan_spline_order=self.kan_spline_order,
+            kan_grid_range=self.kan_grid_range, kan_width=self.kan_width, context_size=self.context_size, **kwargs)
 
     def lr_factor(self, step: int) -> float:
         """The schedule's multiplier at `step` (0 before a replica's schedule starts)."""
@@ -181,6 +244,26 @@ class TrainConfig:
     def save(self, path: str | os.PathLike) -> None:
         """train_config.json: what the run does, written atomically."""
         write_text_atomically(Path(path), json.dumps(asdict(self), indent=2))
+
+
+def check_family_settings(cfg: TrainConfig) -> None:
+    """The model fields of a GPT-Neo or RoBERTa run (AfGPTConfig checks AfGPT's), each failing with its fix."""
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid: it must be a positive integer")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by num_attention_heads="
+                         f"{cfg.num_attention_heads}: pick a head count that divides the width")
+    if cfg.ffn_type not in FAMILY_FFN_TYPES:
+        raise ValueError(f"ffn_type={cfg.ffn_type!r}: {cfg.model} takes {' or '.join(FAMILY_FFN_TYPES)}")
+    ActivationSettings(af_type=cfg.af_type, af_layer_specific=cfg.af_layer_specific, af_range=cfg.af_range,
+                       af_n_anchors=cfg.af_n_anchors, af_init=cfg.af_init, num_hidden_layers=cfg.num_hidden_layers,
+                       hidden_size=cfg.hidden_size)  # checks the activation fields
+    FFNSettings(ffn_type=cfg.ffn_type, hidden_size=cfg.hidden_size, intermediate_size=4 * cfg.hidden_size,
+                kan_grid_size=cfg.kan_grid_size, kan_spline_order=cfg.kan_spline_order,
+                kan_grid_range=cfg.kan_grid_range, kan_width=cfg.kan_width)  # checks the feed-forward fields
+    check_ffn_activation(cfg.ffn_type, parse_af_spec(cfg.af_type))
 
 
 def lr_factor(step: int, schedule: str, max_steps: int, warmup: int, cooldown: int) -> float:

@@ -1,9 +1,11 @@
-"""The training loop on Accelerate: train() builds the models (AfGPT, or what a model factory makes), their
-optimizers and data, and runs lm-afs's schedules with resumable checkpoints, logs, metrics and plots.
+"""The training loop on Accelerate: train() builds the models (AfGPT, GPT-Neo or RoBERTa: families.py, or what a
+model factory makes), their optimizers and data, and runs lm-afs's schedules with resumable checkpoints, logs,
+metrics and plots; the family's objective (objectives.py) turns each batch into a loss and an accuracy.
 
 A run directory holds everything a paper needs: train_config.json, the tokenizer, the final model
-(loadable with AutoModelForCausalLM.from_pretrained(run_dir)), the learned activations, train.log,
-metrics.jsonl, plots/*.png, and checkpoint/ (the latest resumable state).
+(loadable with AutoModelForCausalLM, or AutoModelForMaskedLM for RoBERTa, .from_pretrained(run_dir) after
+`import afgpt`), the learned activations, train.log, metrics.jsonl, plots/*.png, and checkpoint/ (the latest
+resumable state).
 """
 import contextlib
 import json
@@ -24,10 +26,11 @@ from ..activation_set import find_activation_set
 from ..bank import ActivationBank
 from ..ensemble import Replica, average_shared_gradients, build_replicas, schedule_offsets, start_steps
 from ..hub import load_activations
-from ..losses import token_accuracy
-from ..modeling_afgpt import AfGPTForCausalLM
 from .config import TrainConfig, check_inputs_exist
-from .monitors import ActivationMagnitudes, Throughput, evaluate, save_plots, warn_if_bf16_is_emulated
+from .families import build_model, check_family_inputs, describe_model, kan_parameters
+from .monitors import (ActivationMagnitudes, KANGridCoverage, Throughput, evaluate, save_plots,
+                       warn_if_bf16_is_emulated)
+from .objectives import ForwardCausalLM, Objective, accuracy_kind, build_objective
 from .optimizers import activation_optimizer, set_learning_rate, weight_optimizer
 from .rundata import RunData, load_data
 from .rundir import MetricsWriter, prepare_run_directory, resumed_config, save_bank, save_checkpoint, setup_logging
@@ -54,24 +57,6 @@ class RunState:
         self.step, self.elapsed, self.history = state["step"], state["elapsed"], state["history"]
 
 
-def build_model(cfg: TrainConfig, run_data: RunData, bank: ActivationBank | None = None) -> AfGPTForCausalLM:
-    """A fresh AfGPT as `cfg` describes (or the saved one it names); a stage II bank sets the anchor grid."""
-    if cfg.model_name_or_path:
-        model = AfGPTForCausalLM.from_pretrained(cfg.model_name_or_path)
-        if model.config.vocab_size < run_data.vocab_size:
-            raise ValueError(
-                f"model {cfg.model_name_or_path} has vocab_size {model.config.vocab_size} but the tokenizer has "
-                f"{run_data.vocab_size} tokens: use the tokenizer the model was trained with")
-        return model
-    grid = bank.settings if bank is not None else cfg
-    config = cfg.model_config(
-        run_data.vocab_size, af_range=grid.af_range, af_n_anchors=grid.af_n_anchors,
-        doc_separator_token_id=run_data.doc_separator,
-        eos_token_id=run_data.tokenizer.eos_token_id if run_data.tokenizer else None,
-        bos_token_id=run_data.tokenizer.bos_token_id if run_data.tokenizer else None)
-    return AfGPTForCausalLM(config)
-
-
 def load_bank(cfg: TrainConfig) -> ActivationBank | None:
     """Stage II: the learned activations named by --af-file, checked against the requested model."""
     if not cfg.af_file:
@@ -84,13 +69,13 @@ def load_bank(cfg: TrainConfig) -> ActivationBank | None:
 
 
 def build_replica_set(cfg: TrainConfig, run_data: RunData, accelerator: Accelerator,
-                      model_factory: Callable[[int], torch.nn.Module] | None = None
-                      ) -> tuple[list[Replica], torch.optim.Optimizer | None]:
+                      model_factory: Callable[[int], torch.nn.Module] | None = None,
+                      objective: Objective | None = None) -> tuple[list[Replica], torch.optim.Optimizer | None]:
     """The run's models (one, or stage I replicas sharing their activations) with optimizers and data.
 
-    Replica m draws its weights under seed + m and reads data stream m; with one model this is plain
-    training. `model_factory(m)` makes replica m's model (default: the AfGPT that `cfg` describes,
-    build_model). Everything is passed through `accelerator.prepare`.
+    Replica m draws its weights under seed + m and reads data stream m (as the objective serves it: masked for
+    RoBERTa); with one model this is plain training. `model_factory(m)` makes replica m's model (default: the
+    model of cfg.model's family that `cfg` describes, build_model). Everything is passed through `accelerator.prepare`.
     """
     if cfg.n_models > 1 and accelerator.num_processes > 1:
         raise ValueError(f"n_models={cfg.n_models}: stage I replicas train in one process; launch without "
@@ -110,8 +95,10 @@ def build_replica_set(cfg: TrainConfig, run_data: RunData, accelerator: Accelera
     models, optimizers = prepared[:cfg.n_models], prepared[cfg.n_models:2 * cfg.n_models]
     af_optimizer = prepared[-1] if af_optimizer else None
 
-    streams = [data_lib.TokenBatches(run_data.train, cfg.per_device_train_batch_size, cfg.seq_length, seed=cfg.seed,
-                                     stream=m, rank=accelerator.process_index, world_size=accelerator.num_processes)
+    objective = objective or ForwardCausalLM()
+    streams = [objective.train_batches(data_lib.TokenBatches(
+                   run_data.train, cfg.per_device_train_batch_size, cfg.seq_length, seed=cfg.seed, stream=m,
+                   rank=accelerator.process_index, world_size=accelerator.num_processes))
                for m in range(1 if cfg.same_data_across_models else cfg.n_models)]
     starts = start_steps(cfg.n_models, cfg.max_steps, cfg.staggered_starts)
     offsets = schedule_offsets(starts, cfg.staggered_starts)
@@ -122,17 +109,20 @@ def build_replica_set(cfg: TrainConfig, run_data: RunData, accelerator: Accelera
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
           model_factory: Callable[[int], torch.nn.Module] | None = None) -> dict:
-    """Train AfGPT as `cfg` says; returns the final metrics. Multi-process under `accelerate launch`.
+    """Train the model `cfg` describes (AfGPT, GPT-Neo or RoBERTa: cfg.model); returns the final metrics.
+    Multi-process under `accelerate launch`.
 
-    `model_factory(m)`, if given, makes replica m's model instead of the AfGPT that cfg's model fields describe;
-    it is called after seeding with cfg.seed + m (the models it makes are trained, evaluated and saved like AfGPT:
-    they take shift_labels, and afgpt.find_activation_set finds their activations: AfGPT, or a patched model).
+    `model_factory(m)`, if given, makes replica m's model instead of the one cfg's model fields describe; it is
+    called after seeding with cfg.seed + m, and its models are trained with cfg.model's objective (afgpt: the
+    model's forward with shift_labels; gpt-neo: trunk + fused LM head; roberta: masked LM), evaluated and saved
+    like AfGPT (afgpt.find_activation_set finds their activations: AfGPT, or a patched model).
 
     With n_models > 1 this is stage I of activation discovery: replicas sharing one set of activations;
     evaluation, plots and saved files use replica 0, as in lm-afs. `resume` continues the run in
     cfg.output_dir (see TrainConfig for what may change); a finished run is left as it is.
     """
     check_inputs_exist(cfg)
+    check_family_inputs(cfg)
     AcceleratorState._reset_state()  # a singleton: without this, a second run inherits the first's precision
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     is_main = accelerator.is_main_process
@@ -149,14 +139,19 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
 
     set_seed(cfg.seed)
     run_data = load_data(cfg, out, is_main, accelerator.wait_for_everyone)
-    replicas, af_optimizer = build_replica_set(cfg, run_data, accelerator, model_factory)
+    objective = build_objective(cfg.model, run_data.tokenizer)
+    replicas, af_optimizer = build_replica_set(cfg, run_data, accelerator, model_factory, objective)
     state = RunState()
     streams = list({id(r.batches): r.batches for r in replicas}.values())
     accelerator.register_for_checkpointing(*streams, state)
     model = accelerator.unwrap_model(replicas[0].model)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info(f"model: {n_params:,} parameters, af_type {cfg.af_type}, vocab {run_data.vocab_size}, "
-                f"{len(run_data.train):,} training tokens")
+    logger.info(f"{describe_model(model, cfg)}, vocab {run_data.vocab_size}, {len(run_data.train):,} training tokens")
+    if cfg.ffn_type == "kan":
+        logger.info(f"KAN feed-forwards: {kan_parameters(model):,} parameters in {cfg.num_hidden_layers} layers "
+                    f"(kan_width {cfg.kan_width}, grid {cfg.kan_grid_size}, order {cfg.kan_spline_order})")
+    if objective.name == "masked":
+        logger.info(f"objective: masked LM, {objective.collator.mlm_probability:.0%} of the tokens scored "
+                    "(80% <mask>, 10% random, 10% kept); accuracy is masked-token accuracy")
     if cfg.n_models > 1:
         logger.info(f"stage I: {cfg.n_models} replicas sharing their activations, start steps "
                     f"{[r.start for r in replicas]}, staggered_starts {cfg.staggered_starts}")
@@ -171,7 +166,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     if resume:
         metrics.rewrite()
 
-    provenance = {"run": cfg.run_name or str(out), "af_type": cfg.af_type, "sharing": cfg.af_layer_specific,
+    provenance = {"run": cfg.run_name or str(out), "model": cfg.model, "af_type": cfg.af_type, "sharing": cfg.af_layer_specific,
                   "n_models": cfg.n_models, "staggered_starts": cfg.staggered_starts, "data": cfg.data,
                   "seed": cfg.seed, "af_lr": cfg.af_lr, "af_file": cfg.af_file}
     tokens_per_step = cfg.per_device_train_batch_size * cfg.seq_length * cfg.gradient_accumulation_steps \
@@ -182,7 +177,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         replica.model.train()
     while state.step < cfg.max_steps:
         step = state.step
-        results = train_step(replicas, af_optimizer, step, accelerator, cfg)
+        results = train_step(replicas, af_optimizer, step, accelerator, cfg, objective)
         for index, (loss, _) in results.items():
             if not math.isfinite(loss):
                 raise TrainingDiverged(
@@ -199,7 +194,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
             log_training(results, replicas, state, tokens / seconds, metrics, bar, cfg)
         with window.paused():  # validation, plots and checkpoints are not training time
             if state.step % cfg.eval_steps == 0 or last:
-                validate(model, run_data.val, cfg, metrics, state.step)
+                validate(model, run_data.val, cfg, metrics, state.step, objective)
                 if is_main:
                     save_plots(model, state.history, out / "plots", cfg)
             if cfg.save_af_steps and state.step % cfg.save_af_steps == 0 and not last and is_main:
@@ -253,14 +248,17 @@ def train_records(results: dict[int, tuple[float, float]], replicas: list[Replic
         if replica.index in results:
             loss, accuracy = results[replica.index]
             record = {"kind": "train", "step": step, "loss": loss, "accuracy": accuracy,
-                      "lr": replica.optimizer.param_groups[0]["lr"], "tokens_per_second": speed}
+                      "accuracy_kind": accuracy_kind(cfg.model), "lr": replica.optimizer.param_groups[0]["lr"],
+                      "tokens_per_second": speed}
             records.append(record if cfg.n_models == 1 else {**record, "replica": replica.index})
     return records
 
 
 def train_step(replicas: list[Replica], af_optimizer: torch.optim.Optimizer | None, step: int,
-               accelerator: Accelerator, cfg: TrainConfig) -> dict[int, tuple[float, float]]:
-    """One optimizer step of every replica active at `step`; returns {replica: (loss, accuracy)}.
+               accelerator: Accelerator, cfg: TrainConfig, objective: Objective | None = None
+               ) -> dict[int, tuple[float, float]]:
+    """One optimizer step of every replica active at `step`; returns {replica: (loss, accuracy)}. `objective`
+    (default: the model's forward with shift_labels) gives each micro-batch's loss and accuracy.
 
     Each replica accumulates its gradients over `gradient_accumulation_steps` micro-batches; the shared
     activations' gradients are averaged over the active replicas. Nothing is updated if a loss is not finite.
@@ -271,7 +269,7 @@ def train_step(replicas: list[Replica], af_optimizer: torch.optim.Optimizer | No
     for replica in active:
         if id(replica.batches) not in fetched:
             fetched[id(replica.batches)] = [next(replica.batches) for _ in range(cfg.gradient_accumulation_steps)]
-        results[replica.index] = forward_backward(replica.model, fetched[id(replica.batches)], accelerator)
+        results[replica.index] = forward_backward(replica.model, fetched[id(replica.batches)], accelerator, objective)
     if all(math.isfinite(loss) for loss, _ in results.values()):
         if af_optimizer is not None:
             average_shared_gradients([p for g in af_optimizer.param_groups for p in g["params"]], len(active))
@@ -289,38 +287,60 @@ def train_step(replicas: list[Replica], af_optimizer: torch.optim.Optimizer | No
     return results
 
 
-def forward_backward(model: torch.nn.Module, micro_batches: list, accelerator: Accelerator) -> tuple[float, float]:
-    """Accumulate one model's gradients over micro-batches (DDP syncs on the last); mean loss and accuracy."""
+def forward_backward(model: torch.nn.Module, micro_batches: list, accelerator: Accelerator,
+                     objective: Objective | None = None) -> tuple[float, float]:
+    """Accumulate one model's gradients over micro-batches (DDP syncs on the last, or, for an objective that does
+    not call the model's forward, this averages them across processes at the end); mean loss and accuracy."""
+    objective = objective or ForwardCausalLM()
+    sync_here = accelerator.num_processes > 1 and not objective.calls_forward
     total_loss = torch.zeros((), device=accelerator.device)
     total_acc = torch.zeros((), device=accelerator.device)
     n = len(micro_batches)
     for i, batch in enumerate(micro_batches):
         input_ids, labels = (t.to(accelerator.device) for t in batch)
-        with contextlib.nullcontext() if i == n - 1 else accelerator.no_sync(model):
+        with contextlib.nullcontext() if i == n - 1 and not sync_here else accelerator.no_sync(model):
             with accelerator.autocast():
-                out = model(input_ids=input_ids, shift_labels=labels, use_cache=False)
-            accelerator.backward(out.loss / n)
-        total_loss += out.loss.detach()
-        total_acc += token_accuracy(out.logits.detach(), labels) if out.logits is not None else out.accuracy
+                loss, accuracy = objective(model, input_ids, labels)
+            accelerator.backward(loss / n)
+        total_loss += loss.detach()
+        total_acc += accuracy
+    if sync_here:
+        average_gradients_across_processes(model, accelerator.num_processes)
     loss = accelerator.reduce(total_loss, "mean").item() / n
     return loss, accelerator.reduce(total_acc, "mean").item() / n
 
 
-def validate(model, val_tokens, cfg: TrainConfig, metrics: MetricsWriter, step: int) -> tuple[float, float]:
-    """Validation loss/accuracy on fixed batches, plus the activation magnitudes seen on them."""
-    monitor = ActivationMagnitudes(model)
+def average_gradients_across_processes(model: torch.nn.Module, world_size: int) -> None:
+    """What DistributedDataParallel does after a backward through its forward: every gradient becomes the mean over
+    the processes (all of them hold the same parameters, so the same gradients exist everywhere)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(world_size)
+
+
+def validate(model, val_tokens, cfg: TrainConfig, metrics: MetricsWriter, step: int,
+             objective: Objective | None = None) -> tuple[float, float]:
+    """Validation loss/accuracy on fixed batches (fixed masks for RoBERTa), plus the activation magnitudes seen."""
+    objective = objective or ForwardCausalLM()
+    monitor, coverage = ActivationMagnitudes(model), KANGridCoverage(model)
     try:
-        batches = data_lib.val_batches(val_tokens, cfg.per_device_train_batch_size, cfg.seq_length)
-        loss, accuracy = evaluate(model, batches, cfg.eval_batches)
+        batches = objective.val_batches(data_lib.val_batches(val_tokens, cfg.per_device_train_batch_size,
+                                                             cfg.seq_length))
+        loss, accuracy = evaluate(model, batches, cfg.eval_batches, objective)
     finally:
         monitor.close()
-    record = {"kind": "val", "step": step, "loss": loss, "accuracy": accuracy}
-    metrics.write(record if cfg.n_models == 1 else {**record, "replica": 0}, *monitor.records(step))
+        coverage.close()
+    record = {"kind": "val", "step": step, "loss": loss, "accuracy": accuracy,
+              "accuracy_kind": accuracy_kind(cfg.model)}
+    metrics.write(record if cfg.n_models == 1 else {**record, "replica": 0}, *monitor.records(step),
+                  *coverage.records(step))
+    coverage.report(step)
     logger.info(f"Step {step}/{cfg.max_steps}   lossVa {loss:.4f}   accVa {100 * accuracy:.1f}")
     return loss, accuracy
 
 
-def save_final(model: AfGPTForCausalLM, run_data: RunData, out: Path, provenance: dict) -> None:
+def save_final(model: torch.nn.Module, run_data: RunData, out: Path, provenance: dict) -> None:
     """The final model and tokenizer (loadable with from_pretrained(out)) and the learned activations."""
     model.save_pretrained(out)
     if run_data.tokenizer is not None:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from ..activation_set import SlotActivation
-from ..losses import token_accuracy
-from ..plotting import plot_activation_magnitudes, plot_activations, plot_training_curves
+from ..activation_set import SlotActivation, find_activation_set
+from ..kan import KANLinear
+from ..plotting import plot_activation_magnitudes, plot_activations, save_figure, training_curves_figure
 from .config import TrainConfig
+from .objectives import ForwardCausalLM, Objective, accuracy_kind
 
 logger = logging.getLogger("afgpt")
 
@@ -40,18 +41,63 @@ class ActivationMagnitudes:
                 for (layer, row), (total, count, peak) in sorted(self.sums.items())]
 
 
+class KANGridCoverage:
+    """The share of each KAN layer's inputs outside its grid (where its spline is zero and only the base branch
+    acts), over all the forwards it watches; named by module, e.g. "model.layers.0.mlp.fc"."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.counts: dict[str, list[float]] = {}  # name -> [inputs outside, inputs]
+        self.handles = [module.register_forward_pre_hook(self.hook_for(name)) for name, module in model.named_modules()
+                        if isinstance(module, KANLinear)]
+
+    def hook_for(self, name: str):
+        def hook(module: KANLinear, inputs: tuple[torch.Tensor]) -> None:
+            x = inputs[0].detach()
+            counts = self.counts.setdefault(name, [0.0, 0])
+            counts[0] += module.outside_fraction(x) * x.numel()
+            counts[1] += x.numel()
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def records(self, step: int) -> list[dict]:
+        return [{"kind": "kan_grid", "step": step, "module": name, "outside_fraction": outside / total}
+                for name, (outside, total) in self.counts.items()]
+
+    def report(self, step: int) -> None:
+        """One log line: the mean and the worst share outside; a warning when a layer has more than 10% outside."""
+        records = self.records(step)
+        if not records:
+            return
+        worst = max(records, key=lambda r: r["outside_fraction"])
+        mean = sum(r["outside_fraction"] for r in records) / len(records)
+        text = (f"Step {step}   KAN inputs outside the grid: {100 * mean:.1f}% on average, "
+                f"{100 * worst['outside_fraction']:.1f}% in {worst['module']}")
+        if worst["outside_fraction"] > 0.1:
+            logger.warning(text + ": widen --kan-grid-range or refit with update_grid (see the README's KAN section)")
+        else:
+            logger.info(text)
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, max_batches: int) -> tuple[float, float]:
-    """Mean validation loss and token accuracy over up to `max_batches` fixed batches."""
+def evaluate(model: torch.nn.Module, batches, max_batches: int,
+             objective: Objective | None = None) -> tuple[float, float]:
+    """Mean validation loss and accuracy over up to `max_batches` fixed batches, in eval mode, by `objective`
+    (default: the model's forward with shift_labels, next-token accuracy)."""
+    objective = objective or ForwardCausalLM()
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     losses, accuracies = [], []
     for i, (input_ids, labels) in enumerate(batches):
         if i == max_batches:
             break
-        out = model(input_ids=input_ids, shift_labels=labels, use_cache=False)
-        losses.append(out.loss.item())
-        accuracies.append(token_accuracy(out.logits, labels).item())
+        loss, accuracy = objective(model, input_ids.to(device), labels.to(device))
+        losses.append(loss.item())
+        accuracies.append(accuracy.item())
     model.train(was_training)
     return sum(losses) / len(losses), sum(accuracies) / len(accuracies)
 
@@ -88,14 +134,23 @@ def save_plots(model: torch.nn.Module, history: list, plots: Path, cfg: TrainCon
     if cfg.plotting_level == 0:
         return
     plots.mkdir(exist_ok=True)
-    title = cfg.run_name or cfg.af_type
+    title = cfg.run_name or (cfg.af_type if cfg.model == "afgpt" else f"{cfg.model}: {cfg.af_type}")
     plot_training_curves([r for r in history if r["kind"] in ("train", "val")], plots / "training_curves.png",
-                         title=title)
+                         title=title, accuracy=accuracy_kind(cfg.model))
     plot_activations(model, plots / "activations.png", title=title)
     magnitudes = [r for r in history if r["kind"] == "act"]
     if magnitudes and cfg.plotting_level >= 2:
-        plot_activation_magnitudes(magnitudes, plots / "activation_magnitudes.png",
-                                   af_range=model.config.af_range)  # a stage II bank's grid, not --af-range
+        plot_activation_magnitudes(magnitudes, plots / "activation_magnitudes.png",  # a stage II bank's grid,
+                                   af_range=find_activation_set(model).settings.af_range)  # not --af-range
+
+
+def plot_training_curves(records: list[dict], path: Path, title: str, accuracy: str) -> None:
+    """afgpt.plotting's loss and accuracy curves, the accuracy panel naming what it measures ("next-token",
+    "masked-token")."""
+    figure = training_curves_figure(records, title=title)
+    accuracy_axis = figure.axes[1]  # the panels: loss, accuracy
+    accuracy_axis.set(title=f"{accuracy.capitalize()} accuracy", ylabel=f"{accuracy} accuracy")
+    save_figure(figure, path)
 
 
 def cpu_has_native_bf16() -> bool:

@@ -36,8 +36,11 @@ def load_data(cfg: TrainConfig, out: Path, is_main: bool, wait) -> RunData:
         if cfg.tokenizer:
             tokenizer = data_lib.load_tokenizer(cfg.tokenizer)
         else:
-            logger.info(f"training a byte-level BPE tokenizer ({cfg.vocab_size} tokens) on {cfg.data}")
-            tokenizer = data_lib.train_tokenizer(data_lib.iter_texts(cfg.data, cfg.text_field), cfg.vocab_size)
+            masked_lm = cfg.model == "roberta"
+            logger.info(f"training a byte-level BPE tokenizer ({cfg.vocab_size} tokens"
+                        f"{', with <s> <pad> </s> <unk> <mask>' if masked_lm else ''}) on {cfg.data}")
+            tokenizer = data_lib.train_tokenizer(data_lib.iter_texts(cfg.data, cfg.text_field), cfg.vocab_size,
+                                                 masked_lm=masked_lm)
         data_lib.prepare(data_lib.iter_texts(cfg.data, cfg.text_field), tokenizer, token_dir,
                          val_tokens=cfg.val_tokens)
     wait()
