@@ -6,8 +6,8 @@ every B-spline is a polynomial of degree k. So each call first turns the grid in
 interval, the k+1 coefficients of all G+k B-splines, interpolated at Chebyshev nodes); an input then needs only its
 interval (one comparison per knot), that row of the table and Horner's rule: shape-static elementwise work without
 [N, in, G+2k+1] intermediates, which torch.compile fuses into a few kernels. The backward recomputes the same from x
-with a table of the splines' derivatives, so besides what the matmuls keep, autograd saves only x. Grids may be
-non-uniform (update_grid makes them so); outputs and gradients match efficient-kan's formulation to fp32 rounding,
+with a table of the splines' derivatives at the saved intervals and coordinates (8 bytes an input element). Grids
+may be non-uniform (update_grid makes them so); outputs and gradients match efficient-kan's formulation to fp32 rounding,
 inside and outside the grid.
 
 Parameter and buffer names and shapes are efficient-kan's, so state dicts map over. One deliberate difference:
@@ -88,14 +88,16 @@ def _horner(coef: torch.Tensor, row: torch.Tensor, v: torch.Tensor) -> torch.Ten
     return out.view(*row.shape, -1)
 
 
-def _basis(x: torch.Tensor, grid: torch.Tensor, k: int, vandermonde: tuple, dtype: torch.dtype,
-           slopes: bool = False) -> torch.Tensor:
-    """The dense B-spline basis (or its x-derivative) [N, in, G+k] of x [N, in], without autograd, in dtype."""
-    coef, mid, inv_half, knots = _poly_table(grid, k, vandermonde, dtype, slopes)
+def _basis(x: torch.Tensor, grid: torch.Tensor, k: int, vandermonde: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """The dense B-spline basis [..., in, G+k] of x [..., in], without autograd, computed in dtype."""
+    coef, mid, inv_half, knots = _poly_table(grid, k, vandermonde, dtype)
     return _horner(coef, *_locate(x.to(dtype), knots, mid, inv_half))
 
 
 class _BSplineBasis(torch.autograd.Function):
+    """Dense basis computed in fp32, returned in x's dtype. Saves each input's table row and v (8 bytes an element);
+    the backward evaluates the slope table there (no gradient for the grid)."""
+
     @staticmethod
     def forward(ctx, x, grid, k, vandermonde):
         coef, mid, inv_half, knots = _poly_table(grid, k, vandermonde, torch.float32)
