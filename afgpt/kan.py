@@ -5,10 +5,10 @@ recursion on [N, in, G+2k+1] tensors and lets autograd keep every level for the 
 every B-spline is a polynomial of degree k. So each call first turns the grid into a small table (per feature and
 interval, the k+1 coefficients of all G+k B-splines, interpolated at Chebyshev nodes); an input then needs only its
 interval (one comparison per knot), that row of the table and Horner's rule: shape-static elementwise work without
-[N, in, G+2k+1] intermediates, which torch.compile fuses into a few kernels. The backward recomputes the same from x
-with a table of the splines' derivatives at the saved intervals and coordinates (8 bytes an input element). Grids
-may be non-uniform (update_grid makes them so); outputs and gradients match efficient-kan's formulation to fp32 rounding,
-inside and outside the grid.
+[N, in, G+2k+1] intermediates, which torch.compile fuses into a few kernels. The backward evaluates a table of
+the splines' derivatives at the saved rows and coordinates (8 bytes an input element). Grids may be non-uniform
+(update_grid makes them so); outputs and gradients match efficient-kan's formulation to fp32 rounding, inside and
+outside the grid.
 
 Parameter and buffer names and shapes are efficient-kan's, so state dicts map over. One deliberate difference:
 update_grid keeps the function on the data (efficient-kan refits spline_weight to the function including
@@ -63,7 +63,7 @@ def _poly_table(grid: torch.Tensor, k: int, vandermonde: tuple, dtype: torch.dty
     points = mid + half * torch.tensor(nodes, dtype=dtype, device=g.device)[:, None, None]  # [k+1, K-1, in]
     values = (_cox_de_boor_slopes if slopes else _cox_de_boor)(points.flatten(0, 1), g, k)
     values = F.pad(values.view(k + 1, knots - 1, features, -1), (0, 0, 0, 0, 1, 1))
-    coef = torch.stack([sum(a * value for a, value in zip(row, values)) for row in inverse])
+    coef = torch.stack([sum(a * value for a, value in zip(weights, values)) for weights in inverse])
     # one small table for the lookups: torch.compile then stores it once and reads the knots contiguously
     small = torch.cat([F.pad(mid, (0, 0, 1, 1)), F.pad(1 / half, (0, 0, 1, 1)), g.T])
     return coef.flatten(1, 2), *small[:2 * knots + 2].view(2, -1), small[2 * knots + 2:]

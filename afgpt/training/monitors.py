@@ -42,8 +42,9 @@ class ActivationMagnitudes:
 
 
 class KANGridCoverage:
-    """The share of each KAN layer's inputs outside its grid (where its spline is zero and only the base branch
-    acts), over all the forwards it watches; named by module, e.g. "model.layers.0.mlp.fc"."""
+    """The share of each KAN layer's inputs outside its grid range (where its spline fades out, to zero beyond
+    spline_order more intervals, leaving the base branch), over all the forwards it watches; named by module, e.g.
+    "model.layers.0.mlp.fc"."""
 
     def __init__(self, model: torch.nn.Module):
         self.counts: dict[str, list[float]] = {}  # name -> [inputs outside, inputs]
