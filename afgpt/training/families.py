@@ -24,6 +24,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, GPTNeoConf
 from .. import data as data_lib
 from ..activation_set import find_activation_set
 from ..bank import ActivationBank
+from ..kan import KANFeedForward
 from ..modeling_afgpt import AfGPTForCausalLM
 from ..patching import is_patched, patch_model
 from .config import TrainConfig
@@ -67,11 +68,16 @@ def build_model(cfg: TrainConfig, run_data: RunData, bank: ActivationBank | None
         return AfGPTForCausalLM(config)
     config = family_config(cfg, run_data.vocab_size, run_data.tokenizer)
     model = (GPTNeoForCausalLM if cfg.model == "gpt-neo" else RobertaForMaskedLM)(config)
-    return patch_model(model, af_type=cfg.af_type, layer_specific=cfg.af_layer_specific,
-                       ffn_type=None if cfg.ffn_type == "mlp" else cfg.ffn_type, af_range=grid.af_range,
-                       af_n_anchors=grid.af_n_anchors, af_init=cfg.af_init, kan_grid_size=cfg.kan_grid_size,
-                       kan_spline_order=cfg.kan_spline_order, kan_grid_range=cfg.kan_grid_range,
-                       kan_width=cfg.kan_width)
+    return patch_for_run(model, cfg, grid)
+
+
+def patch_for_run(model: torch.nn.Module, cfg: TrainConfig, grid) -> torch.nn.Module:
+    """A vanilla GPT-Neo/RoBERTa with the run's activations and feed-forward; `grid` (the run's or a stage II bank's
+    settings) gives the spline grid."""
+    return patch_model(model, af_type=cfg.af_type, layer_specific=cfg.af_layer_specific, ffn_type=cfg.ffn_type,
+                       af_range=grid.af_range, af_n_anchors=grid.af_n_anchors, af_init=cfg.af_init,
+                       kan_grid_size=cfg.kan_grid_size, kan_spline_order=cfg.kan_spline_order,
+                       kan_grid_range=cfg.kan_grid_range, kan_width=cfg.kan_width)
 
 
 def family_config(cfg: TrainConfig, vocab_size: int, tokenizer: PreTrainedTokenizerBase | None) -> PretrainedConfig:
@@ -103,11 +109,7 @@ def load_model(cfg: TrainConfig, run_data: RunData) -> torch.nn.Module:
         family.auto_class.from_pretrained(cfg.model_name_or_path)
     check_model_type(cfg, model.config.model_type)
     if cfg.model != "afgpt" and not is_patched(model):
-        model = patch_model(model, af_type=cfg.af_type, layer_specific=cfg.af_layer_specific,
-                            ffn_type=None if cfg.ffn_type == "mlp" else cfg.ffn_type, af_range=cfg.af_range,
-                            af_n_anchors=cfg.af_n_anchors, af_init=cfg.af_init, kan_grid_size=cfg.kan_grid_size,
-                            kan_spline_order=cfg.kan_spline_order, kan_grid_range=cfg.kan_grid_range,
-                            kan_width=cfg.kan_width)
+        model = patch_for_run(model, cfg, cfg)
     if model.config.vocab_size < run_data.vocab_size:
         raise ValueError(
             f"model {cfg.model_name_or_path} has vocab_size {model.config.vocab_size} but the tokenizer has "
@@ -178,7 +180,5 @@ def describe_model(model: torch.nn.Module, cfg: TrainConfig) -> str:
 
 def kan_parameters(model: torch.nn.Module) -> int:
     """Parameters of the model's KAN feed-forwards (0 without)."""
-    from ..kan import KANFeedForward
-
     return sum(p.numel() for module in model.modules() if isinstance(module, KANFeedForward)
                for p in module.parameters())
