@@ -1,6 +1,8 @@
 """afgpt: research on activation functions in small language models, as a transformers extension."""
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
+                          AutoModelForSequenceClassification)
 
+from .activation_set import ActivationSet, ActivationSettings, find_activation_set
 from .activations import ACTIVATION_NAMES, AfSpec, build_activation, parse_af_spec
 from .configuration_afgpt import AfGPTConfig
 from .modeling_afgpt import AfGPTForCausalLM, AfGPTForSequenceClassification, AfGPTModel
@@ -19,8 +21,6 @@ AutoModelForCausalLM.register(AfGPTConfig, AfGPTForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(AfGPTConfig, AfGPTForSequenceClassification, exist_ok=True)
 
 # Patched GPT-Neo / RoBERTa (afgpt.patch_model): saved folders load back patched with the Auto classes.
-from transformers import AutoModelForMaskedLM  # noqa: E402
-
 AutoConfig.register(AfGPTNeoConfig.model_type, AfGPTNeoConfig, exist_ok=True)
 AutoModel.register(AfGPTNeoConfig, AfGPTNeoModel, exist_ok=True)
 AutoModelForCausalLM.register(AfGPTNeoConfig, AfGPTNeoForCausalLM, exist_ok=True)
@@ -37,7 +37,7 @@ AfGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 AfGPTForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
-    "ACTIVATION_NAMES", "ActivationBank", "AfSpec", "AfGPTConfig", "AfGPTModel", "AfGPTForCausalLM",
+    "ACTIVATION_NAMES", "ActivationBank", "ActivationSet", "ActivationSettings", "find_activation_set", "AfSpec", "AfGPTConfig", "AfGPTModel", "AfGPTForCausalLM",
     "AfGPTForSequenceClassification", "HubError", "build_activation", "load_activations", "parse_af_spec", "push_run",
 ]
 __all__ += [  # afgpt.patching
