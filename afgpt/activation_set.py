@@ -6,7 +6,6 @@ activation across layers is therefore structural (each parameter is stored once,
 and the same in AfGPT and in a patched GPT-Neo or RoBERTa. `find_activation_set(model)` is the one way to reach
 it; the bank, plots, optimizers, monitors and stage I use nothing else.
 """
-import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
