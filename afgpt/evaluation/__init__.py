@@ -1,0 +1,1 @@
+"""Evaluation of afgpt models: BLiMP (`afgpt.evaluation.blimp`) and SuperGLUE (`afgpt.evaluation.superglue`)."""
