@@ -1,10 +1,11 @@
-"""The `afgpt` command: `afgpt train`, `afgpt prepare`, `afgpt plot`, `afgpt push`.
+"""The `afgpt` command: `afgpt train`, `afgpt prepare`, `afgpt plot`, `afgpt push`, `afgpt eval-blimp`.
 
 `afgpt train` flags are TrainConfig's fields with dashes (named like transformers.TrainingArguments
 where one exists): `--output-dir`, `--max-steps`, `--learning-rate`, `--af-type`, ...
 """
 import argparse
 import dataclasses
+import json
 import sys
 import types
 import typing
@@ -12,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import data as data_lib
+from .atomic import write_text_atomically
 from .bank import plot_activation_file
 from .hub import HubError, push_run
 from .training import RESUMABLE_FIELDS, TrainConfig, train
@@ -88,6 +90,17 @@ def run_push(args: argparse.Namespace) -> None:
     print(f"pushed {args.run_dir} to {url}")
 
 
+def run_eval_blimp(args: argparse.Namespace) -> None:
+    from .evaluation.blimp import evaluate_models, markdown_table  # torch-heavy scoring loads when asked for
+
+    results = evaluate_models(args.models, args.data, args.paradigms, args.limit, args.batch_size)
+    print(markdown_table(results))
+    if args.output:
+        settings = {"data": args.data, "paradigms": args.paradigms, "limit": args.limit}
+        write_text_atomically(Path(args.output), json.dumps({"settings": settings, "models": results}, indent=2))
+        print(f"wrote {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="afgpt", description="Activation-function research on small LMs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the baseline's final val loss, for the model card's comparison")
     push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`)")
     push.set_defaults(run=run_push)
+
+    blimp = commands.add_parser("eval-blimp", help="BLiMP accuracy of causal LMs, scored as lm-evaluation-harness does",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    blimp.add_argument("models", nargs="+", help="model folders (e.g. an `afgpt train` run) or Hub ids; one column "
+                                                 "each")
+    blimp.add_argument("--data", required=True, help="folder of BLiMP .jsonl(.gz) files, e.g. ../shared/data/blimp")
+    blimp.add_argument("--paradigms", default=None, help="comma-separated paradigms (default: all)")
+    blimp.add_argument("--limit", type=int, default=None, help="first N pairs per paradigm (default: all)")
+    blimp.add_argument("--batch-size", type=int, default=64, help="sentences per forward")
+    blimp.add_argument("--output", default=None, help="JSON file for the results (default: print only)")
+    blimp.set_defaults(run=run_eval_blimp)
     return parser
 
 

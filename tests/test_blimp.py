@@ -269,3 +269,48 @@ def test_real_blimp_end_to_end(tokenizer):
     for name, rows in result["pair_scores"].items():
         assert result["paradigms"][name] == sum(r["good"] >= r["bad"] for r in rows) / 20
     assert result["overall"] == pytest.approx(sum(result["paradigms"].values()) / 2)
+
+
+def test_afgpt_eval_blimp_command_tables_two_models_and_writes_json(tmp_path, capsys):
+    import json as json_lib
+
+    from transformers import AutoTokenizer, GPTNeoConfig, GPTNeoForCausalLM
+
+    import afgpt
+    from afgpt.cli import main
+
+    blimp_dir = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "blimp"
+    tokenizer = AutoTokenizer.from_pretrained(Path(__file__).resolve().parents[1].parent / "shared" / "data" /
+                                              "tokenizers" / "gpt2")
+    vocab = len(tokenizer)
+    models = {
+        "afgpt": afgpt.AfGPTForCausalLM(afgpt.AfGPTConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=1,
+                                                          num_attention_heads=2, af_type="spline;att-none")),
+        "neo": afgpt.patch_model(GPTNeoForCausalLM(GPTNeoConfig(
+            vocab_size=vocab, hidden_size=16, num_layers=1, num_heads=2, attention_types=[[["global"], 1]],
+            max_position_embeddings=128)), af_type="prelu;att-none"),
+    }
+    for name, model in models.items():
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    out = tmp_path / "results.json"
+    main(["eval-blimp", str(tmp_path / "afgpt"), str(tmp_path / "neo"), "--data", str(blimp_dir),
+          "--paradigms", "adjunct_island,anaphor_gender_agreement", "--limit", "5", "--output", str(out)])
+    table = capsys.readouterr().out
+    assert f"| paradigm | {tmp_path / 'afgpt'} | {tmp_path / 'neo'} |" in table and "**overall**" in table
+    results = json_lib.loads(out.read_text())["models"]
+    for name, model in models.items():
+        expected = evaluate_blimp(model, tokenizer, blimp_dir, ["adjunct_island", "anaphor_gender_agreement"], 5,
+                                  progress=False)
+        assert results[str(tmp_path / name)]["paradigms"] == expected["paradigms"]
+
+
+def test_eval_blimp_says_masked_lms_are_not_scored_yet(tmp_path):
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    from afgpt.cli import main
+
+    RobertaForMaskedLM(RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32)).save_pretrained(tmp_path / "roberta")
+    with pytest.raises(SystemExit, match="is a masked LM .*not implemented yet"):
+        main(["eval-blimp", str(tmp_path / "roberta"), "--data", str(tmp_path)])

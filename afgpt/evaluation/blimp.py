@@ -11,6 +11,7 @@ or in its `data/` folder; the BabyLM-filtered subset has the same layout.
 from __future__ import annotations
 
 import gzip
+from collections.abc import Sequence
 import json
 import time
 from dataclasses import dataclass, field as dataclass_field
@@ -199,3 +200,39 @@ def evaluate_blimp(model, tokenizer, data_dir, paradigms=None, limit: int | None
     if return_pairs:
         result["pair_scores"] = pair_scores
     return result
+
+
+def evaluate_models(models: Sequence[str], data_dir, paradigms=None, limit: int | None = None, batch_size: int = 64,
+                    progress: bool = True) -> dict[str, dict]:
+    """BLiMP results of several causal LMs (folders or Hub ids, loaded with their own tokenizer): {model: result}."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # afgpt's __init__ registered its types
+
+    results = {}
+    for name in models:
+        config = AutoConfig.from_pretrained(name)
+        if config.model_type in MASKED_MODEL_TYPES:
+            raise ValueError(f"{name} is a masked LM ({config.model_type}); BLiMP scoring here covers causal LMs "
+                             "(AfGPT, GPT-Neo, any AutoModelForCausalLM): masked-LM pseudo-log-likelihoods are not "
+                             "implemented yet")
+        model = AutoModelForCausalLM.from_pretrained(name)
+        results[name] = evaluate_blimp(model, AutoTokenizer.from_pretrained(name), data_dir, paradigms, limit,
+                                       batch_size, progress)
+    return results
+
+
+MASKED_MODEL_TYPES = ("roberta", "afgpt_roberta", "bert")
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """One row per paradigm (then the fields and the overall mean), one column per model, accuracies in %."""
+    names = list(results)
+    first = results[names[0]]
+
+    def row(label: str, values: list[float]) -> str:
+        return f"| {label} | " + " | ".join(f"{100 * v:.1f}" for v in values) + " |"
+
+    lines = ["| paradigm | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [row(p, [results[n]["paradigms"][p] for n in names]) for p in first["paradigms"]]
+    lines += [row(f"**{f}**", [results[n]["fields"][f] for n in names]) for f in first["fields"]]
+    lines.append(row("**overall**", [results[n]["overall"] for n in names]))
+    return "\n".join(lines)
