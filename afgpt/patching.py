@@ -178,7 +178,7 @@ def _roberta_mlp(layer: nn.Module) -> nn.Module:
 
 
 @dataclass(frozen=True)
-class Family:
+class Host:
     """What patching needs to know about a host architecture."""
 
     name: str
@@ -190,9 +190,9 @@ class Family:
     feed_forward: Callable[[nn.Module], nn.Module]  # layer -> the modules a KAN replaces (for parameter counts)
 
 
-GPT_NEO = Family("GPT-Neo", AfGPTNeoConfig, lambda base: base.h, lambda layer: layer.attn.attention,
+GPT_NEO = Host("GPT-Neo", AfGPTNeoConfig, lambda base: base.h, lambda layer: layer.attn.attention,
                  _gpt_neo_set_activation, _gpt_neo_set_ffn, _gpt_neo_mlp)
-ROBERTA = Family("RoBERTa", AfRobertaConfig, lambda base: base.encoder.layer, lambda layer: layer.attention.self,
+ROBERTA = Host("RoBERTa", AfRobertaConfig, lambda base: base.encoder.layer, lambda layer: layer.attention.self,
                  _roberta_set_activation, _roberta_set_ffn, _roberta_mlp)
 
 
@@ -225,10 +225,10 @@ def _check_activation_set(module: nn.Module, args: tuple) -> None:
         "['activations.mlp.0', 'activations.mlp.1', ...]")
 
 
-def _build_patch(model: nn.Module, family: Family, config) -> tuple[ActivationSet, list]:
+def _build_patch(model: nn.Module, host: Host, config) -> tuple[ActivationSet, list]:
     """The new modules for every layer (nothing in the model is changed yet)."""
     activations = ActivationSet(ActivationSettings.from_config(config))  # GPT-Neo's None width: 4 * hidden
-    layers = family.layers(model.base_model)
+    layers = host.layers(model.base_model)
     if len(layers) != config.num_hidden_layers:
         raise ValueError(f"the model has {len(layers)} layers but its config says num_hidden_layers="
                          f"{config.num_hidden_layers}")
@@ -242,16 +242,16 @@ def _build_patch(model: nn.Module, family: Family, config) -> tuple[ActivationSe
     return activations, per_layer
 
 
-def _install_patch(model: nn.Module, family: Family, activations: ActivationSet, per_layer: list) -> None:
+def _install_patch(model: nn.Module, host: Host, activations: ActivationSet, per_layer: list) -> None:
     """Put the built modules into the model (the base model's class becomes the patched one)."""
     base = model.base_model
-    for layer, (activation, ffn, slot) in zip(family.layers(base), per_layer):
+    for layer, (activation, ffn, slot) in zip(host.layers(base), per_layer):
         if ffn is None:
-            family.set_activation(layer, activation)
+            host.set_activation(layer, activation)
         else:
-            family.set_ffn(layer, ffn)
+            host.set_ffn(layer, ffn)
         if slot is not None:
-            attention = family.attention(layer)
+            attention = host.attention(layer)
             attention.pre_activation = slot
             attention.register_forward_pre_hook(_apply_pre_activation, with_kwargs=True)
     base.activations = activations
@@ -260,13 +260,13 @@ def _install_patch(model: nn.Module, family: Family, activations: ActivationSet,
         base.__class__ = PATCHED_CLASSES[type(base)]  # so transformers initialises its new modules with our rules
 
 
-def _log_feed_forward(model: nn.Module, family: Family, before: int | None) -> None:
+def _log_feed_forward(model: nn.Module, host: Host, before: int | None) -> None:
     config = model.config
     if config.ffn_type != "kan":
         return
-    after = sum(p.numel() for p in family.feed_forward(family.layers(model.base_model)[0]).parameters())
+    after = sum(p.numel() for p in host.feed_forward(host.layers(model.base_model)[0]).parameters())
     mlp = f" (the MLP it replaces has {before:,})" if before is not None else ""
-    logger.info(f"{family.name} feed-forward: KAN with {after:,} parameters per layer{mlp}, hidden width "
+    logger.info(f"{host.name} feed-forward: KAN with {after:,} parameters per layer{mlp}, hidden width "
                 f"{FFNSettings.from_config(config).kan_hidden_size}")
 
 
@@ -276,12 +276,12 @@ def _log_feed_forward(model: nn.Module, family: Family, before: int | None) -> N
 class AfPatchedModel:
     """Mixin of the patched classes: builds the vanilla model, then applies the patch its config records."""
 
-    _afgpt_family: Family
+    _afgpt_host: Host
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        activations, per_layer = _build_patch(self, self._afgpt_family, config)
-        _install_patch(self, self._afgpt_family, activations, per_layer)
+        activations, per_layer = _build_patch(self, self._afgpt_host, config)
+        _install_patch(self, self._afgpt_host, activations, per_layer)
         self.post_init()  # initialises the new modules (the vanilla ones are marked initialised already)
 
     @torch.no_grad()
@@ -298,32 +298,32 @@ class AfPatchedModel:
 
 class AfGPTNeoModel(AfPatchedModel, GPTNeoModel):
     config_class = AfGPTNeoConfig
-    _afgpt_family = GPT_NEO
+    _afgpt_host = GPT_NEO
 
 
 class AfGPTNeoForCausalLM(AfPatchedModel, GPTNeoForCausalLM):
     config_class = AfGPTNeoConfig
-    _afgpt_family = GPT_NEO
+    _afgpt_host = GPT_NEO
 
 
 class AfGPTNeoForSequenceClassification(AfPatchedModel, GPTNeoForSequenceClassification):
     config_class = AfGPTNeoConfig
-    _afgpt_family = GPT_NEO
+    _afgpt_host = GPT_NEO
 
 
 class AfRobertaModel(AfPatchedModel, RobertaModel):
     config_class = AfRobertaConfig
-    _afgpt_family = ROBERTA
+    _afgpt_host = ROBERTA
 
 
 class AfRobertaForMaskedLM(AfPatchedModel, RobertaForMaskedLM):
     config_class = AfRobertaConfig
-    _afgpt_family = ROBERTA
+    _afgpt_host = ROBERTA
 
 
 class AfRobertaForSequenceClassification(AfPatchedModel, RobertaForSequenceClassification):
     config_class = AfRobertaConfig
-    _afgpt_family = ROBERTA
+    _afgpt_host = ROBERTA
 
 
 PATCHED_CLASSES = {
@@ -375,7 +375,7 @@ def patch_model(model: nn.Module, af_type: str | None = None, layer_specific: in
                 else "")
         raise ValueError(f"patch_model does not support {type(model).__name__}{hint}; supported classes: "
                          f"{', '.join(SUPPORTED)}")
-    family = patched_class._afgpt_family
+    host = patched_class._afgpt_host
     if bank is not None:
         af_type = bank.settings.af_type if af_type is None else af_type
         af_range, af_n_anchors = bank.settings.af_range, bank.settings.af_n_anchors
@@ -386,12 +386,12 @@ def patch_model(model: nn.Module, af_type: str | None = None, layer_specific: in
 
     old_config = model.config
     config = copy.deepcopy(old_config)  # the host's config, every field kept, plus the patch fields
-    config.__class__ = family.config_class
+    config.__class__ = host.config_class
     for name, value in fields.items():
         setattr(config, name, value)
     _normalise_and_check(config)
 
-    activations, per_layer = _build_patch(model, family, config)
+    activations, per_layer = _build_patch(model, host, config)
     if bank is not None:
         problems = bank.mismatches(activations)
         if problems:
@@ -403,15 +403,15 @@ def patch_model(model: nn.Module, af_type: str | None = None, layer_specific: in
             ffn.to(reference.device, reference.dtype)
         if slot is not None:
             slot.to(reference.device)
-    first_ffn = family.feed_forward(family.layers(model.base_model)[0])
+    first_ffn = host.feed_forward(host.layers(model.base_model)[0])
     before = sum(p.numel() for p in first_ffn.parameters())
 
     for module in model.modules():  # every module holding the old config sees the new one
         if module.__dict__.get("config") is old_config:
             module.config = config
-    _install_patch(model, family, activations, per_layer)
+    _install_patch(model, host, activations, per_layer)
     model.__class__ = patched_class
-    _log_feed_forward(model, family, before)
+    _log_feed_forward(model, host, before)
 
     if bank is not None:
         bank.load_into(model, freeze=freeze)

@@ -202,6 +202,9 @@ def evaluate_blimp(model, tokenizer, data_dir, paradigms=None, limit: int | None
     return result
 
 
+MASKED_MODEL_TYPES = ("roberta", "afgpt_roberta", "bert")  # refused until masked-LM pseudo-log-likelihoods exist
+
+
 def evaluate_models(models: Sequence[str], data_dir, paradigms=None, limit: int | None = None, batch_size: int = 64,
                     progress: bool = True) -> dict[str, dict]:
     """BLiMP results of several causal LMs (folders or Hub ids, loaded with their own tokenizer): {model: result}."""
@@ -219,8 +222,6 @@ def evaluate_models(models: Sequence[str], data_dir, paradigms=None, limit: int 
                                        batch_size, progress)
     return results
 
-
-MASKED_MODEL_TYPES = ("roberta", "afgpt_roberta", "bert")
 
 
 def markdown_table(results: dict[str, dict]) -> str:
