@@ -89,7 +89,10 @@ def test_the_loops_weight_decay_spares_norms_biases_and_scalars():
 
 def test_training_run_produces_a_complete_run_directory(tmp_path, shared_data):
     cfg = tiny_run(tmp_path, shared_data, af_type="spline;att-spline")
+    before = training.logger.level, training.logger.propagate, training.logger.handlers[:]
     final = train(cfg)
+    after = training.logger.level, training.logger.propagate, training.logger.handlers
+    assert after == before  # the run gives the logger back: pytest's caplog and the user's handlers still see it
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["loss"] for r in records if r["kind"] == "train"]
@@ -339,7 +342,6 @@ def test_bf16_accumulation_and_clipping_run(tmp_path, shared_data, monkeypatch):
     (False, "no", "cpu", False), (False, "bf16", "cuda", False)])
 def test_warns_when_bf16_matmuls_would_be_emulated(monkeypatch, caplog, native, precision, device, warned):
     monkeypatch.setattr(monitors, "cpu_has_native_bf16", lambda: native)
-    monkeypatch.setattr(training.logger, "propagate", True)  # a run in this process turned it off
     with caplog.at_level(logging.WARNING, logger="afgpt"):
         training.warn_if_bf16_is_emulated(precision, torch.device(device))
     assert ("mixed_precision='no'" in caplog.text) == warned

@@ -21,8 +21,8 @@ from .optimizers import (activation_optimizer, decay_parameter_names, set_learni
                          weight_groups, weight_optimizer)
 from .rundata import (GPT2_SEPARATOR, GPT2_VOCAB, RunData, check_recorded_tokenizer, load_data, load_shards,
                       padded_vocab, shard_record)
-from .rundir import (MetricsWriter, prepare_run_directory, resumed_config, save_bank, save_checkpoint,
-                     setup_logging)
+from .rundir import (MetricsWriter, prepare_run_directory, resumed_config, run_logging, save_bank,
+                     save_checkpoint)
 from .trainer import ActivationPlotCallback, AfTrainer
 
 logger = logging.getLogger("afgpt")
@@ -38,5 +38,5 @@ __all__ = [
     "activation_optimizer", "decay_parameter_names", "set_learning_rate", "split_parameters", "weight_groups",
     "weight_optimizer", "GPT2_SEPARATOR", "GPT2_VOCAB", "RunData", "check_recorded_tokenizer", "load_data",
     "load_shards", "padded_vocab", "shard_record", "MetricsWriter", "prepare_run_directory", "resumed_config",
-    "save_bank", "save_checkpoint", "setup_logging", "ActivationPlotCallback", "AfTrainer",
+    "save_bank", "save_checkpoint", "run_logging", "ActivationPlotCallback", "AfTrainer",
 ]

@@ -33,7 +33,7 @@ from .monitors import (ActivationMagnitudes, KANGridCoverage, Throughput, evalua
 from .objectives import ForwardCausalLM, Objective, accuracy_kind, build_objective
 from .optimizers import activation_optimizer, set_learning_rate, weight_optimizer
 from .rundata import RunData, load_data
-from .rundir import MetricsWriter, prepare_run_directory, resumed_config, save_bank, save_checkpoint, setup_logging
+from .rundir import MetricsWriter, prepare_run_directory, resumed_config, run_logging, save_bank, save_checkpoint
 
 logger = logging.getLogger("afgpt")
 
@@ -130,7 +130,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     accelerator.wait_for_everyone()
     if resume:
         cfg = resumed_config(cfg, TrainConfig.load(out / "train_config.json"))
-    setup_logging(Path(cfg.log_file) if cfg.log_file else out / "train.log", is_main)
+    with run_logging(Path(cfg.log_file) if cfg.log_file else out / "train.log", is_main):
+        return run(cfg, resume, accelerator, out, model_factory)
+
+
+def run(cfg: TrainConfig, resume: bool, accelerator: Accelerator, out: Path,
+        model_factory: Callable[[int], torch.nn.Module] | None) -> dict:
+    """train() in its run directory, with its logging set up."""
+    is_main = accelerator.is_main_process
     if is_main and not resume:
         cfg.save(out / "train_config.json")
     logger.info(f"afgpt train: {accelerator.num_processes} process(es), device {accelerator.device}, "

@@ -3,6 +3,8 @@ metrics.jsonl, atomic checkpoints and saved activations."""
 import json
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -54,18 +56,28 @@ def resumed_config(cfg: TrainConfig, saved: TrainConfig) -> TrainConfig:
     return replace(saved, output_dir=cfg.output_dir, **{name: getattr(cfg, name) for name in RESUMABLE_FIELDS})
 
 
-def setup_logging(log_file: Path, is_main: bool) -> None:
-    """Log to the console and to the run's log file (main process only)."""
+@contextmanager
+def run_logging(log_file: Path, is_main: bool) -> Iterator[None]:
+    """Log a run to the console and to its log file (main process only), then give the "afgpt" logger back as it
+    was: a run in a notebook or a test leaves no handler, open file or silenced propagation behind."""
+    saved = logger.level, logger.propagate, logger.handlers[:]
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
-    logger.handlers.clear()
     logger.propagate = False
     console = logging.StreamHandler()
     console.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(console)
+    logger.handlers = [console]
     if is_main:
         handler = logging.FileHandler(log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s  %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in logger.handlers:
+            handler.close()
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        logger.handlers = saved[2]
 
 
 class MetricsWriter:
