@@ -1,4 +1,5 @@
-"""The `afgpt` command: `afgpt train`, `afgpt prepare`, `afgpt plot`, `afgpt push`, `afgpt eval-blimp`.
+"""The `afgpt` command: `afgpt train`, `afgpt prepare`, `afgpt plot`, `afgpt push`, `afgpt eval-blimp`,
+`afgpt eval-superglue`.
 
 `afgpt train` flags are TrainConfig's fields with dashes (named like transformers.TrainingArguments
 where one exists): `--output-dir`, `--max-steps`, `--learning-rate`, `--af-type`, ...
@@ -91,14 +92,77 @@ def run_push(args: argparse.Namespace) -> None:
 
 
 def run_eval_blimp(args: argparse.Namespace) -> None:
-    from .evaluation.blimp import evaluate_models, markdown_table  # torch-heavy scoring loads when asked for
+    from .evaluation.blimp import evaluate_models, markdown_table, save_pairs  # scoring loads when asked for
+    from .plotting import plot_blimp
 
-    results = evaluate_models(args.models, args.data, args.paradigms, args.limit, args.batch_size)
+    results = evaluate_models(args.models, args.data, args.paradigms, args.limit, args.batch_size, pll=args.pll,
+                              return_pairs=args.save_pairs is not None)
     print(markdown_table(results))
+    if args.save_pairs:
+        print(f"wrote {save_pairs(results, args.save_pairs)}")
+        for result in results.values():
+            del result["pair_scores"]
     if args.output:
-        settings = {"data": args.data, "paradigms": args.paradigms, "limit": args.limit}
+        settings = {"data": args.data, "paradigms": args.paradigms, "limit": args.limit, "pll": args.pll}
         write_text_atomically(Path(args.output), json.dumps({"settings": settings, "models": results}, indent=2))
         print(f"wrote {args.output}")
+    plot = args.plot or (Path(args.output).with_suffix(".png") if args.output else None)
+    if plot:
+        plot_blimp(results, plot)
+        print(f"wrote {plot}")
+
+
+def comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def superglue_output_dir(model: str) -> Path:
+    """Where predictions go by default: inside a local model folder (a run keeps its evaluations), else ./superglue/."""
+    return Path(model) / "superglue" if Path(model).is_dir() else Path("superglue") / model.replace("/", "--")
+
+
+def run_eval_superglue(args: argparse.Namespace) -> None:
+    from .evaluation.finetune import FinetuneSettings, evaluate_superglue, results_table  # loads Trainer when asked
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneSettings)
+                 if getattr(args, f.name) is not None}
+    output_dir = Path(args.output_dir) if args.output_dir else superglue_output_dir(args.model)
+    results = evaluate_superglue(args.model, args.data, output_dir, comma_list(args.tasks), args.preset,
+                                 [int(seed) for seed in comma_list(args.seeds)], overrides)
+    print(results_table(results))
+    print(f"wrote {output_dir / 'results.json'} and each task's predictions.jsonl under {output_dir}")
+    if args.output:
+        write_text_atomically(Path(args.output), json.dumps(results, indent=2))
+        print(f"wrote {args.output}")
+
+
+def add_superglue_arguments(parser: argparse.ArgumentParser) -> None:
+    from .evaluation.finetune import SUPERGLUE_TASKS, FinetuneSettings
+
+    parser.add_argument("model", help="model folder (an `afgpt train` run, whose metrics.jsonl gets the results; a "
+                                      "patched or plain GPT-Neo/RoBERTa) or Hub id, with its tokenizer")
+    parser.add_argument("--data", required=True, help="data root holding superglue/<Task>/ and glue/<Task>/, "
+                                                      "e.g. ../shared/data")
+    parser.add_argument("--tasks", default=",".join(SUPERGLUE_TASKS),
+                        help="comma-separated: boolq,cb,copa,multirc,rte,wic,wsc and GLUE's cola,sst2,mrpc,"
+                             "glue-rte,stsb,wnli")
+    parser.add_argument("--preset", choices=("quick", "full"), default="full",
+                        help="full: the BabyLM pipeline's settings; quick: capped data and 2 epochs, a smoke test "
+                             "whose numbers are not comparable to full runs")
+    parser.add_argument("--seeds", default="12", help="comma-separated training seeds; several give mean and std")
+    parser.add_argument("--output-dir", default=None,
+                        help="predictions and results.json (default: MODEL/superglue for a folder)")
+    parser.add_argument("--output", default=None, help="also write the results JSON here")
+    for field in dataclasses.fields(FinetuneSettings):  # each overrides the preset's value
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help="keep the learned activations fixed while fine-tuning (default: the preset's, "
+                                     "trainable)")
+        else:
+            kind = float if "float" in str(field.type) else int
+            parser.add_argument(flag, type=kind, default=None, metavar=field.name.upper(),
+                                help=f"default: the preset's (full: {field.default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,16 +208,29 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`)")
     push.set_defaults(run=run_push)
 
-    blimp = commands.add_parser("eval-blimp", help="BLiMP accuracy of causal LMs, scored as lm-evaluation-harness does",
+    blimp = commands.add_parser("eval-blimp", help="BLiMP accuracy: causal LMs scored as lm-evaluation-harness does, "
+                                                   "masked LMs by pseudo-log-likelihood as minicons does",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    blimp.add_argument("models", nargs="+", help="model folders (e.g. an `afgpt train` run) or Hub ids; one column "
-                                                 "each")
+    blimp.add_argument("models", nargs="+", help="model folders (e.g. an `afgpt train` run, whose metrics.jsonl gets "
+                                                 "the results) or Hub ids; one column each")
     blimp.add_argument("--data", required=True, help="folder of BLiMP .jsonl(.gz) files, e.g. ../shared/data/blimp")
     blimp.add_argument("--paradigms", default=None, help="comma-separated paradigms (default: all)")
     blimp.add_argument("--limit", type=int, default=None, help="first N pairs per paradigm (default: all)")
-    blimp.add_argument("--batch-size", type=int, default=64, help="sentences per forward")
-    blimp.add_argument("--output", default=None, help="JSON file for the results (default: print only)")
+    blimp.add_argument("--batch-size", type=int, default=64, help="sentences (masked LMs: masked copies) per forward")
+    blimp.add_argument("--pll", choices=("original", "within_word_l2r"), default="original",
+                       help="masked LMs: pseudo-log-likelihood of Salazar et al. 2020 (original) or Kauf & Ivanova "
+                            "2023 (within_word_l2r: also masks the later sub-tokens of the word)")
+    blimp.add_argument("--output", default=None, help="JSON file for the results, with a bar plot next to it "
+                                                      "(default: print only)")
+    blimp.add_argument("--plot", default=None, help="PNG bar plot per phenomenon (default: --output's name, .png)")
+    blimp.add_argument("--save-pairs", default=None, metavar="JSONL",
+                       help="write every pair's log-probabilities (and whether it is right) to this file")
     blimp.set_defaults(run=run_eval_blimp)
+
+    superglue = commands.add_parser("eval-superglue", help="fine-tune and score on SuperGLUE (and GLUE) tasks with "
+                                                           "transformers.Trainer")
+    add_superglue_arguments(superglue)
+    superglue.set_defaults(run=run_eval_superglue)
     return parser
 
 

@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub import EvalResult, HfApi, ModelCard, constants, snapshot_download
 from huggingface_hub.errors import (
     HfHubHTTPError,
     LocalEntryNotFoundError,
@@ -85,7 +85,49 @@ def push_run(run_dir: str | os.PathLike, repo_id: str, token: str | bool | None 
             push_model(run_dir, url.repo_id, token, private)
         if bank is not None:  # last, so its card is the repo's README rather than transformers' generic one
             bank.push_to_hub(url.repo_id, token=token, private=private)
+        results = evaluation_results(run_dir)
+        if results:
+            push_card_with_results(url.repo_id, bank, results, token)
     return str(url)
+
+
+def evaluation_results(run_dir: Path) -> list[EvalResult]:
+    """The run's latest BLiMP and SuperGLUE/GLUE results (metrics.jsonl records that `afgpt eval-blimp` and
+    `afgpt eval-superglue` append) as model-index entries: BLiMP overall and per field, each task's metrics."""
+    from .plotting import read_metrics
+
+    path = run_dir / "metrics.jsonl"
+    records = read_metrics(path) if path.is_file() else []
+    results = []
+    blimp = [r for r in records if r.get("kind") == "blimp"]
+    if blimp:
+        latest = blimp[-1]
+        task = "fill-mask" if "pll" in latest["settings"] else "text-generation"
+        name = f"BLiMP ({Path(latest['settings']['data_dir']).name})"
+        scores = {"accuracy": latest["overall"], **{f"{field} accuracy": v for field, v in latest["fields"].items()}}
+        results += [EvalResult(task_type=task, task_name="BLiMP minimal pairs", dataset_type="nyu-mll/blimp",
+                               dataset_name=name, dataset_split="train", metric_type="accuracy", metric_value=value,
+                               metric_name=metric) for metric, value in scores.items()]
+    superglue = {r["task"]: r for r in records if r.get("kind") == "superglue"}  # the latest run of each task
+    for task, record in superglue.items():
+        suffix = " (quick preset)" if record.get("preset") == "quick" else ""
+        results += [EvalResult(task_type="text-classification", task_name=f"{task}{suffix}",
+                               dataset_type=record["dataset"], dataset_name=record["dataset"],
+                               dataset_config=record["config"],
+                               dataset_split="validation", metric_type=metric, metric_value=value,
+                               metric_name=f"{metric}{suffix}") for metric, value in record["metrics"].items()]
+    return results
+
+
+def push_card_with_results(repo_id: str, bank: ActivationBank | None, results: list[EvalResult],
+                           token: str | bool | None) -> None:
+    """The repo's README with the evaluation results in its model-index metadata, which the Hub shows as a table."""
+    text = bank.model_card() if bank is not None else (
+        f"---\nlibrary_name: afgpt\ntags:\n- afgpt\n---\n\n# {repo_id}\n\nA model trained with afgpt.\n")
+    card = ModelCard(text)
+    card.data.model_name = repo_id.split("/")[-1]
+    card.data.eval_results = results
+    card.push_to_hub(repo_id, token=token, commit_message="Evaluation results in the model card")
 
 
 def read_run_bank(run_dir: Path, include_model: bool) -> ActivationBank | None:

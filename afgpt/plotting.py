@@ -229,3 +229,29 @@ def activation_magnitudes_figure(records: list[dict], af_range: float | None = N
 
 def plot_activation_magnitudes(records: list[dict], path: str | os.PathLike, af_range: float | None = None) -> None:
     save_figure(activation_magnitudes_figure(records, af_range), path)
+
+
+def blimp_figure(results: dict[str, dict], title: str | None = None) -> Figure:
+    """BLiMP accuracy per linguistic phenomenon and overall, one bar per model in each group, with the 50% chance
+    line: the figure a paper shows next to the table. `results`: {model: evaluate_blimp result}."""
+    models = list(results)
+    labels = [*next(iter(results.values()))["phenomena"], "overall"]
+    fig, ((ax,),) = new_figure(1, 1, (max(6.0, 0.45 * len(labels) * max(1, len(models)) ** 0.5 + 2), 4.2))
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        values = [100 * results[model]["phenomena"].get(label, float("nan")) for label in labels[:-1]]
+        values.append(100 * results[model]["overall"])
+        label = model if len(model) <= 40 else "..." + model[-37:]  # run folders can have long paths
+        ax.bar([x - 0.4 + width * (i + 0.5) for x in range(len(labels))], values, width, label=label,
+               color=f"C{i % 10}")
+    ax.axhline(50, color="0.4", ls="--", lw=0.8, label="chance")
+    ax.set_xticks(range(len(labels)), [label.replace("_", " ") for label in labels], rotation=40, ha="right",
+                  fontsize="small")
+    ax.set(ylabel="accuracy (%)", ylim=(0, 100), title=title or "BLiMP accuracy by phenomenon")
+    ax.grid(axis="y", alpha=0.3)
+    add_legend(ax, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
+    return fig
+
+
+def plot_blimp(results: dict[str, dict], path: str | os.PathLike, title: str | None = None) -> None:
+    save_figure(blimp_figure(results, title), path)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer, GPTNeoConfig, GPTNeoForCausalLM
 
 import afgpt
-from afgpt.evaluation import blimp as blimp_module, scoring
+from afgpt.evaluation import blimp as blimp_module
 from afgpt.evaluation.blimp import aggregate, evaluate_blimp, load_blimp
 from afgpt.evaluation.scoring import causal_logprobs, prefix_token_id
 
@@ -78,23 +78,6 @@ def test_batched_scores_match_one_sentence_at_a_time(tokenizer, name):
     torch.testing.assert_close(torch.tensor(one), torch.tensor(expected), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(torch.tensor(seven), torch.tensor(one), rtol=1e-6, atol=1e-5)
     assert [a >= b for a, b in zip(seven[::2], seven[1::2])] == [a >= b for a, b in zip(one[::2], one[1::2])]
-
-
-@pytest.mark.parametrize("name", ["afgpt", "gpt-neo", "patched-gpt-neo"])
-def test_head_runs_only_where_a_token_is_predicted(tokenizer, name, monkeypatch):
-    model = models(tokenizer)[name]
-    assert scoring._uses_head_directly(model)
-    rows = []
-    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(o.shape))
-    try:
-        scores = causal_logprobs(model, tokenizer, TEXTS, batch_size=4)
-    finally:
-        handle.remove()
-    n_tokens = sum(len(tokenizer.encode(" " + t)) for t in TEXTS)
-    assert all(len(shape) == 2 for shape in rows) and sum(shape[0] for shape in rows) == n_tokens
-    monkeypatch.setattr(scoring, "_uses_head_directly", lambda model: False)  # the full-logits path agrees
-    torch.testing.assert_close(torch.tensor(causal_logprobs(model, tokenizer, TEXTS, batch_size=4)),
-                               torch.tensor(scores), rtol=1e-6, atol=1e-5)
 
 
 def test_too_long_and_empty_texts_are_refused(tokenizer):
@@ -186,7 +169,8 @@ def test_aggregation_and_ties_on_a_fixture(fixture_dir, monkeypatch):
     assert result["pairs"] == 16
     assert result["settings"]["prefix_token_id"] == 1
     tie = result["pair_scores"]["p_a"][2]
-    assert tie == {"pair_id": "2", "good": 5.0, "bad": 5.0, "correct": True}
+    assert tie == {"pair_id": "2", "sentence_good": "5 g", "sentence_bad": "5 b", "good": 5.0, "bad": 5.0,
+                   "correct": True}
     assert "pair_scores" not in evaluate_blimp(None, tok, fixture_dir, progress=False)
 
 
@@ -305,12 +289,77 @@ def test_afgpt_eval_blimp_command_tables_two_models_and_writes_json(tmp_path, ca
         assert results[str(tmp_path / name)]["paradigms"] == expected["paradigms"]
 
 
-def test_eval_blimp_says_masked_lms_are_not_scored_yet(tmp_path):
+def test_eval_blimp_on_a_run_directory_appends_to_its_metrics_and_saves_pairs_and_plot(tmp_path, tokenizer, capsys):
+    from afgpt.cli import main
+    from afgpt.plotting import read_metrics
+
+    run = tmp_path / "run"  # what `afgpt train` leaves: the model, its tokenizer, train_config.json, metrics.jsonl
+    model = tiny_afgpt(tokenizer)
+    model.save_pretrained(run)
+    tokenizer.save_pretrained(run)
+    (run / "train_config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text(json.dumps({"kind": "val", "step": 4, "loss": 5.0}) + "\n")
+    names = ["adjunct_island", "anaphor_gender_agreement"]
+    main(["eval-blimp", str(run), "--data", str(BLIMP), "--paradigms", ",".join(names), "--limit", "6",
+          "--output", str(tmp_path / "blimp.json"), "--save-pairs", str(tmp_path / "pairs.jsonl")])
+    out = capsys.readouterr().out
+    assert "| *island_effects* |" in out and "| **syntax** |" in out
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["kind"] for r in records] == ["val", "blimp"]
+    saved = json.loads((tmp_path / "blimp.json").read_text())["models"][str(run)]
+    assert records[1]["overall"] == saved["overall"] and records[1]["phenomena"] == saved["phenomena"]
+    assert "pair_scores" not in saved and "pair_scores" not in records[1]
+    pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 12 and {p["paradigm"] for p in pairs} == set(names)
+    first = load_blimp(BLIMP, paradigms=names[:1], limit=1)[0].pairs[0]
+    assert pairs[0]["sentence_good"] == first.sentence_good
+    assert pairs[0]["logprob_good"] == pytest.approx(
+        reference_logprob(model.eval(), tokenizer, first.sentence_good, 50256), abs=1e-4)
+    for name in names:
+        rows = [p for p in pairs if p["paradigm"] == name]
+        assert saved["paradigms"][name] == sum(p["logprob_good"] >= p["logprob_bad"] for p in rows) / 6
+    assert (tmp_path / "blimp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_masked_or_causal_is_decided_by_class_then_type():
+    from transformers import RobertaConfig
+
+    assert blimp_module.is_masked_lm(RobertaConfig())
+    assert blimp_module.is_masked_lm(RobertaConfig(architectures=["RobertaForMaskedLM"]))
+    assert not blimp_module.is_masked_lm(RobertaConfig(architectures=["RobertaForCausalLM"]))
+    assert not blimp_module.is_masked_lm(GPTNeoConfig())
+    assert not blimp_module.is_masked_lm(afgpt.AfGPTConfig())
+
+
+def test_unknown_pll_method_is_refused(fixture_dir):
+    with pytest.raises(ValueError, match="unknown PLL method 'l2r': use one of original, within_word_l2r"):
+        evaluate_blimp(None, SimpleNamespace(bos_token_id=1, eos_token_id=2), fixture_dir, pll="l2r")
+
+
+def test_eval_blimp_scores_masked_lms_by_pseudo_log_likelihood(tmp_path):
     from transformers import RobertaConfig, RobertaForMaskedLM
 
     from afgpt.cli import main
+    from afgpt.evaluation.pll import masked_logprobs
 
-    RobertaForMaskedLM(RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32)).save_pretrained(tmp_path / "roberta")
-    with pytest.raises(SystemExit, match="is a masked LM .*not implemented yet"):
-        main(["eval-blimp", str(tmp_path / "roberta"), "--data", str(tmp_path)])
+    roberta_tokenizer = SHARED_DATA / "tokenizers" / "roberta-base"
+    if not roberta_tokenizer.is_dir():
+        pytest.skip(f"RoBERTa tokenizer not found at {roberta_tokenizer}")
+    tok = AutoTokenizer.from_pretrained(str(roberta_tokenizer))
+    torch.manual_seed(0)
+    model = perturb(RobertaForMaskedLM(RobertaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32)))
+    model.save_pretrained(tmp_path / "roberta")
+    tok.save_pretrained(tmp_path / "roberta")
+    main(["eval-blimp", str(tmp_path / "roberta"), "--data", str(BLIMP), "--paradigms", "adjunct_island",
+          "--limit", "4", "--pll", "within_word_l2r", "--output", str(tmp_path / "out.json"),
+          "--save-pairs", str(tmp_path / "pairs.jsonl")])
+    result = json.loads((tmp_path / "out.json").read_text())["models"][str(tmp_path / "roberta")]
+    assert result["settings"]["pll"] == "within_word_l2r" and "pseudo-log-likelihood" in result["settings"]["scoring"]
+    pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    sentences = [s for p in pairs for s in (p["sentence_good"], p["sentence_bad"])]
+    expected = masked_logprobs(model, tok, sentences, batch_size=1, pll="within_word_l2r")
+    got = [s for p in pairs for s in (p["logprob_good"], p["logprob_bad"])]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-4)
+    assert got != pytest.approx(masked_logprobs(model, tok, sentences, pll="original"), abs=1e-3)
+    assert result["paradigms"]["adjunct_island"] == sum(p["correct"] for p in pairs) / 4

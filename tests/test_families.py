@@ -35,12 +35,8 @@ AUTO = {"gpt-neo": AutoModelForCausalLM, "roberta": AutoModelForMaskedLM}
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny runs: one thread (no contention when the suite runs in parallel on two cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def tiny_runs(one_thread):
+    """Every test here runs on one thread (conftest's one_thread)."""
 
 
 @pytest.fixture(scope="module")

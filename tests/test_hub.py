@@ -3,6 +3,7 @@ processes that know the Hub only through HF_ENDPOINT and start with an empty cac
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -219,3 +220,28 @@ def test_patched_gpt_neo_run_pushes_its_model_and_activations(hub, tmp_path):
     torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(pulled).eval()(ids).logits,
                                model.eval()(ids).logits, rtol=0, atol=0)
     assert_same_tensors(load_activations("user/neo").state_dict(), ActivationBank.from_model(model).state_dict())
+
+
+def test_push_puts_the_runs_evaluation_results_in_the_model_index(hub, run_dir, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from afgpt.evaluation.runs import append_to_run
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    blimp = {"kind": "blimp", "overall": 0.61, "fields": {"morphology": 0.7, "syntax": 0.55}, "phenomena": {},
+             "paradigms": {}, "settings": {"data_dir": "/data/blimp_filtered_babylm", "scoring": "causal"}}
+    assert append_to_run(run, {**blimp, "overall": 0.1})  # an older evaluation: the latest one counts
+    assert append_to_run(run, blimp)
+    assert append_to_run(run, {"kind": "superglue", "task": "cb", "dataset": "aps/super_glue", "config": "cb",
+                               "preset": "full", "metrics": {"accuracy": 0.5, "f1_macro": 0.4}})
+    assert not append_to_run(tmp_path, blimp)  # not a run directory: nothing written
+    push_run(run, "user/evaluated", token=TOKEN)
+    card = ModelCard(hub.repos["user/evaluated"].files("main")["README.md"].decode())
+    assert "# Learned activation functions" in card.text  # the activations card, now with results
+    found = {(r.dataset_type, r.dataset_config, r.metric_name): r.metric_value for r in card.data.eval_results}
+    assert found == {("nyu-mll/blimp", None, "accuracy"): 0.61, ("nyu-mll/blimp", None, "morphology accuracy"): 0.7,
+                     ("nyu-mll/blimp", None, "syntax accuracy"): 0.55, ("aps/super_glue", "cb", "accuracy"): 0.5,
+                     ("aps/super_glue", "cb", "f1_macro"): 0.4}
+    assert card.data.eval_results[0].dataset_name == "BLiMP (blimp_filtered_babylm)"
+    assert card.data.model_name == "evaluated"

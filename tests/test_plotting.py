@@ -246,3 +246,16 @@ def test_save_figure_creates_the_directory(tmp_path):
     path = tmp_path / "plots" / "run" / "curves.png"
     plotting.save_figure(plotting.training_curves_figure(train_records(10)), path)
     assert_png(path)
+
+
+def test_blimp_bar_plot_has_a_bar_per_model_and_phenomenon(tmp_path):
+    result = {"phenomena": {"island_effects": 0.6, "anaphor_agreement": 0.9}, "overall": 0.75}
+    results = {"runs/gelu": result, "runs/" + "x" * 60: {**result, "overall": 0.5}}
+    ax = plotting.blimp_figure(results).axes[0]
+    heights = [patch.get_height() for patch in ax.patches]
+    assert heights == pytest.approx([60, 90, 75, 60, 90, 50])  # model by model: phenomena, then overall
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["island effects", "anaphor agreement", "overall"]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["chance", "runs/gelu", "..." + "x" * 37]
+    plotting.plot_blimp(results, tmp_path / "blimp.png")
+    assert_png(tmp_path / "blimp.png")

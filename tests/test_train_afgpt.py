@@ -21,14 +21,10 @@ TINY = ["--dimEmb", "32", "--nLayers", str(N_LAYERS), "--nHeads", "2", "--seqLen
 
 
 @pytest.fixture(autouse=True)
-def fast_runs(monkeypatch):
-    """Tiny runs: one thread (no contention on shared CPUs) and no plots (tested elsewhere)."""
+def fast_runs(monkeypatch, one_thread):
+    """Tiny runs: one thread (conftest's one_thread) and no plots (tested elsewhere)."""
     monkeypatch.setattr("afgpt.training.loop.save_plots", lambda *args, **kwargs: None)
     monkeypatch.setattr("afgpt.bank.plot_activations", lambda *args, **kwargs: None)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

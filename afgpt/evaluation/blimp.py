@@ -1,9 +1,13 @@
-"""BLiMP (Warstadt et al., 2020) for causal LMs, scored as lm-evaluation-harness's `blimp` task scores it.
+"""BLiMP (Warstadt et al., 2020): causal LMs scored as lm-evaluation-harness's `blimp` task scores them, masked LMs
+by pseudo-log-likelihood as minicons scores them.
 
-Every minimal pair is a two-way multiple choice with an empty context: lm-eval scores `" " + sentence_good` and
-`" " + sentence_bad` after the model's prefix token (`afgpt.evaluation.scoring.causal_logprobs`) and takes the
-argmax, which keeps the first of equal scores: a pair is correct when score(good) >= score(bad). A paradigm's
-accuracy is the mean over its pairs.
+Causal LMs: every minimal pair is a two-way multiple choice with an empty context: lm-eval scores
+`" " + sentence_good` and `" " + sentence_bad` after the model's prefix token
+(`afgpt.evaluation.scoring.causal_logprobs`) and takes the argmax, which keeps the first of equal scores: a pair is
+correct when score(good) >= score(bad). Masked LMs (RoBERTa, patched RoBERTa): each sentence's score is its
+pseudo-log-likelihood summed over tokens (`afgpt.evaluation.pll.masked_logprobs`; "original" PLL or
+"within_word_l2r", minicons's names), the BabyLM 2025 convention (2024 averaged per token); same >= rule.
+A paradigm's accuracy is the mean over its pairs.
 
 Data: the BLiMP jsonl files (one paradigm per file, `<paradigm>.jsonl` or `<paradigm>.jsonl.gz`), in `data_dir`
 or in its `data/` folder; the BabyLM-filtered subset has the same layout.
@@ -11,16 +15,20 @@ or in its `data/` folder; the BabyLM-filtered subset has the same layout.
 from __future__ import annotations
 
 import gzip
-from collections.abc import Sequence
 import json
+from collections.abc import Sequence
 import time
 from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 from statistics import fmean
 
+from ..atomic import write_text_atomically
+from .pll import PLL_METHODS, masked_logprobs
+from .runs import append_to_run
 from .scoring import causal_logprobs, prefix_token_id
 
-__all__ = ["BlimpPair", "BlimpParadigm", "evaluate_blimp", "load_blimp", "aggregate", "list_paradigms"]
+__all__ = ["BlimpPair", "BlimpParadigm", "evaluate_blimp", "evaluate_models", "load_blimp", "aggregate",
+           "list_paradigms", "is_masked_lm", "markdown_table", "save_pairs"]
 
 SUFFIXES = (".jsonl.gz", ".jsonl")
 
@@ -147,16 +155,45 @@ def aggregate(paradigm_results: dict[str, dict]) -> dict:
     }
 
 
+MASKED_MODEL_TYPES = ("roberta", "afgpt_roberta", "bert", "xlm-roberta", "camembert", "distilbert", "albert",
+                      "electra", "deberta", "deberta-v2", "modernbert")
+
+
+def is_masked_lm(model_or_config) -> bool:
+    """Whether a model (or its config) is a masked LM, scored by pseudo-log-likelihood, rather than a causal one:
+    by its class or saved architectures first (a RobertaForCausalLM is causal), else by its model type."""
+    config = getattr(model_or_config, "config", model_or_config)
+    for name in (type(model_or_config).__name__, *(getattr(config, "architectures", None) or [])):
+        if name.endswith("ForMaskedLM"):
+            return True
+        if name.endswith("ForCausalLM"):
+            return False
+    return getattr(config, "model_type", None) in MASKED_MODEL_TYPES
+
+
+def _scorer(model, pll: str):
+    """The sentence scorer for `model` and a description of it for the results' settings."""
+    if pll not in PLL_METHODS:
+        raise ValueError(f"unknown PLL method {pll!r}: use one of {', '.join(PLL_METHODS)}")
+    if is_masked_lm(model):
+        return (lambda *args, **kwargs: masked_logprobs(*args, pll=pll, **kwargs),
+                f"masked LM pseudo-log-likelihood ({pll}), summed over tokens (as minicons)")
+    return causal_logprobs, "causal LM log-likelihood after the prefix token (as lm-evaluation-harness)"
+
+
 def evaluate_blimp(model, tokenizer, data_dir, paradigms=None, limit: int | None = None, batch_size: int = 64,
-                   progress: bool = True, return_pairs: bool = False) -> dict:
-    """BLiMP accuracy of a causal LM, as lm-eval's `blimp` task computes it (see the module docstring).
+                   progress: bool = True, return_pairs: bool = False, pll: str = "original") -> dict:
+    """BLiMP accuracy of a causal or masked LM (see the module docstring).
 
     Returns {"overall": mean of the paradigm accuracies, "overall_pairs": accuracy pooled over all pairs,
     "paradigms": {name: acc}, "fields": {field: acc}, "phenomena": {linguistics_term: acc}, "pairs": n,
     "settings": {...}}; fields and phenomena are unweighted means over their paradigms' accuracies (see
-    `aggregate`). With `return_pairs`, "pair_scores" holds {paradigm: [{"pair_id", "good", "bad", "correct"}]}.
-    `progress` shows a tqdm bar counting pairs (with pairs/s).
+    `aggregate`). With `return_pairs`, "pair_scores" holds {paradigm: [{"pair_id", "sentence_good",
+    "sentence_bad", "good", "bad", "correct"}]} (good/bad: the sentences' log-probabilities). `pll` chooses the
+    pseudo-log-likelihood of a masked LM (ignored for causal LMs). `progress` shows a tqdm bar counting pairs
+    (with pairs/s).
     """
+    score, scoring_rule = _scorer(model, pll)
     loaded = load_blimp(data_dir, paradigms, limit)
     texts = [s for p in loaded for pair in p.pairs for s in (pair.sentence_good, pair.sentence_bad)]
     n_pairs = len(texts) // 2
@@ -174,7 +211,7 @@ def evaluate_blimp(model, tokenizer, data_dir, paradigms=None, limit: int | None
 
     started = time.perf_counter()
     try:
-        scores = causal_logprobs(model, tokenizer, texts, batch_size, progress=None if bar is None else advance)
+        scores = score(model, tokenizer, texts, batch_size, progress=None if bar is None else advance)
     finally:
         if bar is not None:
             bar.close()
@@ -185,7 +222,8 @@ def evaluate_blimp(model, tokenizer, data_dir, paradigms=None, limit: int | None
         for pair in paradigm.pairs:
             good, bad = scores[at], scores[at + 1]
             at += 2
-            rows.append({"pair_id": pair.pair_id, "good": good, "bad": bad, "correct": good >= bad})
+            rows.append({"pair_id": pair.pair_id, "sentence_good": pair.sentence_good,
+                         "sentence_bad": pair.sentence_bad, "good": good, "bad": bad, "correct": good >= bad})
         correct = sum(r["correct"] for r in rows)
         per_paradigm[paradigm.name] = {"acc": correct / len(rows), "correct": correct, "pairs": len(rows),
                                        "field": paradigm.field, "phenomenon": paradigm.phenomenon}
@@ -193,39 +231,59 @@ def evaluate_blimp(model, tokenizer, data_dir, paradigms=None, limit: int | None
     result = aggregate(per_paradigm)
     result["settings"] = {
         "data_dir": str(data_dir), "paradigms": len(loaded), "limit": limit, "batch_size": batch_size,
-        "prefix_token_id": prefix_token_id(tokenizer), "delimiter": " ", "correct_if": "logp(good) >= logp(bad)",
+        "scoring": scoring_rule, "correct_if": "logp(good) >= logp(bad)",
         "aggregation": "unweighted mean over paradigms", "seconds": seconds,
         "pairs_per_second": n_pairs / seconds if seconds > 0 else None,
     }
+    if is_masked_lm(model):
+        result["settings"]["pll"] = pll
+    else:
+        result["settings"].update(prefix_token_id=prefix_token_id(tokenizer), delimiter=" ")
     if return_pairs:
         result["pair_scores"] = pair_scores
     return result
 
 
-MASKED_MODEL_TYPES = ("roberta", "afgpt_roberta", "bert")  # refused until masked-LM pseudo-log-likelihoods exist
+def load_model(name: str):
+    """A model folder or Hub id with its tokenizer: AutoModelForMaskedLM for a masked LM, else
+    AutoModelForCausalLM (afgpt's __init__ registered AfGPT and the patched models with both)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(name)
+    auto = AutoModelForMaskedLM if is_masked_lm(config) else AutoModelForCausalLM
+    return auto.from_pretrained(name), AutoTokenizer.from_pretrained(name)
 
 
 def evaluate_models(models: Sequence[str], data_dir, paradigms=None, limit: int | None = None, batch_size: int = 64,
-                    progress: bool = True) -> dict[str, dict]:
-    """BLiMP results of several causal LMs (folders or Hub ids, loaded with their own tokenizer): {model: result}."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # afgpt's __init__ registered its types
+                    progress: bool = True, pll: str = "original", return_pairs: bool = False) -> dict[str, dict]:
+    """BLiMP results of several models (folders or Hub ids, each with its own tokenizer): {model: result}.
 
+    A model folder that is an `afgpt train` run gets the result appended to its metrics.jsonl as a
+    {"kind": "blimp"} record, where the comparison runner and `afgpt push` find it.
+    """
     results = {}
     for name in models:
-        config = AutoConfig.from_pretrained(name)
-        if config.model_type in MASKED_MODEL_TYPES:
-            raise ValueError(f"{name} is a masked LM ({config.model_type}); BLiMP scoring here covers causal LMs "
-                             "(AfGPT, GPT-Neo, any AutoModelForCausalLM): masked-LM pseudo-log-likelihoods are not "
-                             "implemented yet")
-        model = AutoModelForCausalLM.from_pretrained(name)
-        results[name] = evaluate_blimp(model, AutoTokenizer.from_pretrained(name), data_dir, paradigms, limit,
-                                       batch_size, progress)
+        model, tokenizer = load_model(name)
+        result = evaluate_blimp(model, tokenizer, data_dir, paradigms, limit, batch_size, progress, return_pairs,
+                                pll)
+        append_to_run(name, {"kind": "blimp", **{k: v for k, v in result.items() if k != "pair_scores"}})
+        results[name] = result
     return results
 
 
+def save_pairs(results: dict[str, dict], path) -> Path:
+    """Every pair's scores as JSONL (model, paradigm, pair_id, sentences, logprob_good, logprob_bad, correct), for
+    analysis; `results` from evaluate_models(..., return_pairs=True). Written atomically."""
+    lines = [json.dumps({"model": model, "paradigm": paradigm, "pair_id": row["pair_id"],
+                         "sentence_good": row["sentence_good"], "sentence_bad": row["sentence_bad"],
+                         "logprob_good": row["good"], "logprob_bad": row["bad"], "correct": row["correct"]})
+             for model, result in results.items() for paradigm, rows in result["pair_scores"].items() for row in rows]
+    return write_text_atomically(Path(path), "".join(line + "\n" for line in lines))
+
 
 def markdown_table(results: dict[str, dict]) -> str:
-    """One row per paradigm (then the fields and the overall mean), one column per model, accuracies in %."""
+    """One row per paradigm, then per phenomenon (italic), per field (bold) and the overall mean; one column per
+    model; accuracies in %."""
     names = list(results)
     first = results[names[0]]
 
@@ -234,6 +292,7 @@ def markdown_table(results: dict[str, dict]) -> str:
 
     lines = ["| paradigm | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [row(p, [results[n]["paradigms"][p] for n in names]) for p in first["paradigms"]]
+    lines += [row(f"*{p}*", [results[n]["phenomena"][p] for n in names]) for p in first["phenomena"]]
     lines += [row(f"**{f}**", [results[n]["fields"][f] for n in names]) for f in first["fields"]]
     lines.append(row("**overall**", [results[n]["overall"] for n in names]))
     return "\n".join(lines)
