@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .activations import AfSpec, SplineGrid, build_activation, parse_af_spec
+from .ffn import activation_width
 
 ROWS = {"mlp": "MLP", "att": "attention"}
 SHARING = {0: "one activation shared by all layers", 1: "one activation per layer",
@@ -22,8 +23,8 @@ SHARING = {0: "one activation shared by all layers", 1: "one activation per laye
 class ActivationSettings:
     """What shapes a model's activations: the spec, layer sharing, the spline grid, the depth and the widths.
 
-    `hidden_size` is the width the attention slot sees, `intermediate_size` the width the MLP slot sees
-    (per-channel activations need them; shared ones work at any width).
+    `hidden_size` is the width the attention slot sees; the MLP slot sees `mlp_width`, intermediate_size or, with
+    ffn_type "glu", the GLU's gate width (per-channel activations need them; shared ones work at any width).
     """
 
     af_type: str = "gelu;att-linear"
@@ -34,6 +35,7 @@ class ActivationSettings:
     num_hidden_layers: int = 4
     hidden_size: int = 256
     intermediate_size: int | None = None  # None: 4 * hidden_size, as in AfGPT and lm-afs
+    ffn_type: str = "mlp"
 
     def __post_init__(self):
         if self.intermediate_size is None:
@@ -54,6 +56,10 @@ class ActivationSettings:
     @property
     def spec(self) -> AfSpec:
         return parse_af_spec(self.af_type)
+
+    @property
+    def mlp_width(self) -> int:
+        return activation_width(self.ffn_type, self.intermediate_size)
 
     @property
     def grid(self) -> SplineGrid:
@@ -112,7 +118,7 @@ class ActivationSet(nn.Module):
         super().__init__()
         self.settings = settings
         spec, grid, slots = settings.spec, settings.grid, range(settings.num_slots)
-        self.mlp = nn.ModuleList(build_activation(spec.mlp, settings.intermediate_size, grid) for _ in slots)
+        self.mlp = nn.ModuleList(build_activation(spec.mlp, settings.mlp_width, grid) for _ in slots)
         self.att = nn.ModuleList(build_activation(spec.att, settings.hidden_size, grid) for _ in slots) \
             if spec.has_att_slot else None
 

@@ -5,12 +5,16 @@ activations keep their parameters in fp32 and return the input's dtype, so they 
 under bf16 autocast, and expose `initial_state()` (parameter name -> initial tensor) so a model can
 re-initialise them without knowing their kind.
 """
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import XIELUActivation
+
+from .mixtures import LearnableMixture
 
 try:  # the fast kernels, when afgpt is installed
     from afgpt.spline_kernels import spline
@@ -98,6 +102,66 @@ class Swish(nn.Module):
         return x * torch.sigmoid(self.beta.to(x.dtype) * x)
 
 
+class LearnableGELU(nn.Module):
+    """x * Phi(scale * x) with a learnable scalar scale, starting at 1 (plain GELU): Swish's idea applied to GELU."""
+
+    def __init__(self, init: float = 1.0):
+        super().__init__()
+        self.init = init
+        self.scale = nn.Parameter(self.initial_state()["scale"])
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        return {"scale": torch.tensor(self.init)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1 + torch.erf(self.scale.to(x.dtype) * x / math.sqrt(2)))
+
+
+class APL(nn.Module):
+    """Adaptive piecewise linear unit (Agostinelli et al., 2014), one function per channel:
+    max(0, x) + sum_s a_s * max(0, b_s - x). Slopes a start at 0, so it starts as ReLU exactly;
+    hinges b start evenly spread over [-1, 1] so each can learn a different kink."""
+
+    def __init__(self, channels: int, hinges: int = 2):
+        super().__init__()
+        self.channels, self.hinges = channels, hinges
+        state = self.initial_state()
+        self.slopes = nn.Parameter(state["slopes"])
+        self.hinge_points = nn.Parameter(state["hinge_points"])
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        points = torch.linspace(-1, 1, self.hinges) if self.hinges > 1 else torch.zeros(1)
+        return {"slopes": torch.zeros(self.channels, self.hinges),
+                "hinge_points": points.repeat(self.channels, 1)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slopes, points = self.slopes.to(x.dtype), self.hinge_points.to(x.dtype)
+        return F.relu(x) + (slopes * F.relu(points - x[..., None])).sum(-1)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, hinges={self.hinges}"
+
+
+class XIELU(XIELUActivation):
+    """transformers' xIELU (Huang et al., 2024) with fp32 parameters, returning the input's dtype like the other
+    learnable activations (transformers defaults to bf16 parameters)."""
+
+    def __init__(self):
+        super().__init__(dtype=torch.float32)
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        """The constructor's values (its defaults: alpha_p 0.8, alpha_n 0.8, beta 0.5, eps -1e-6), stored as
+        softplus-inverses like transformers does; on the CPU, since models may be built on the meta device."""
+        def softplus_inverse(v: float) -> torch.Tensor:
+            return torch.tensor([v], dtype=torch.float32, device="cpu").expm1().log()
+
+        return {"alpha_p": softplus_inverse(0.8), "alpha_n": softplus_inverse(0.8 - 0.5),
+                "beta": torch.tensor(0.5, device="cpu"), "eps": torch.tensor(-1e-6, device="cpu")}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.alpha_p.dtype)).to(x.dtype)
+
+
 RATIONAL_TARGETS = {
     "leaky_relu": lambda x: F.leaky_relu(x, 0.01),
     "gelu": F.gelu,
@@ -179,16 +243,23 @@ _BUILDERS = {
     "tanh": lambda width, grid: nn.Tanh(),
     "mish": lambda width, grid: nn.Mish(),
     "hardswish": lambda width, grid: nn.Hardswish(),
+    "hardsigmoid": lambda width, grid: nn.Hardsigmoid(),
     "prelu": lambda width, grid: PReLU(width),
     "swish": lambda width, grid: Swish(),
+    "gelu_learn": lambda width, grid: LearnableGELU(),
+    "apl": lambda width, grid: APL(width),
+    "xielu": lambda width, grid: XIELU(),
+    "la": lambda width, grid: LearnableMixture(),
+    "la_per_channel": lambda width, grid: LearnableMixture(channels=width),
     "rational": lambda width, grid: Rational("leaky_relu"),
     "rational_gelu": lambda width, grid: Rational("gelu"),
     "spline": lambda width, grid: Spline(grid),
     "splinePerDim": lambda width, grid: Spline(grid, channels=width),
 }
 ACTIVATION_NAMES = tuple(_BUILDERS)
-LEARNABLE_NAMES = ("prelu", "swish", "rational", "rational_gelu", "spline", "splinePerDim")
-PER_CHANNEL_NAMES = ("prelu", "splinePerDim")  # one function per channel: they need the slot's width
+LEARNABLE_NAMES = ("prelu", "swish", "gelu_learn", "apl", "xielu", "la", "la_per_channel", "rational",
+                   "rational_gelu", "spline", "splinePerDim")
+PER_CHANNEL_NAMES = ("prelu", "apl", "la_per_channel", "splinePerDim")  # one function per channel: they need the slot's width
 NO_ATTENTION_SLOT = "none"
 
 

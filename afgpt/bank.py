@@ -69,7 +69,7 @@ class ActivationBank(nn.Module):
         return [row for row in ROWS if is_learnable(getattr(spec, row))]
 
     def af_config(self) -> dict:
-        config = {key: getattr(self.settings, key) for key in CONFIG_KEYS}
+        config = {key: getattr(self.settings, key) for key in (*CONFIG_KEYS, "ffn_type")}
         config["af_type"] = str(parse_af_spec(config["af_type"]))
         return {"format": FORMAT, "version": VERSION, **config, "provenance": self.provenance}
 
@@ -376,7 +376,7 @@ def read_bank_directory(directory: Path) -> ActivationBank:
     if missing:
         raise ValueError(f"{directory / 'af_config.json'} lacks {', '.join(missing)}: the bank is damaged; "
                          "save it again")
-    fields = {key: meta[key] for key in CONFIG_KEYS}
+    fields = {key: meta[key] for key in CONFIG_KEYS} | {"ffn_type": meta.get("ffn_type", "mlp")}  # older banks: mlp
     return build_bank(fields, load_file(directory / "activations.safetensors"), meta.get("provenance", {}), directory)
 
 

@@ -1,5 +1,5 @@
 """The `afgpt` command: `afgpt train`, `afgpt prepare`, `afgpt plot`, `afgpt push`, `afgpt eval-blimp`,
-`afgpt eval-superglue`.
+`afgpt eval-superglue`, `afgpt compare`.
 
 `afgpt train` flags are TrainConfig's fields with dashes (named like transformers.TrainingArguments
 where one exists): `--output-dir`, `--max-steps`, `--learning-rate`, `--af-type`, ...
@@ -16,6 +16,7 @@ from pathlib import Path
 from . import data as data_lib
 from .atomic import write_text_atomically
 from .bank import plot_activation_file
+from .compare import build_compare_parser
 from .hub import HubError, push_run
 from .training import RESUMABLE_FIELDS, TrainConfig, train
 
@@ -231,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "transformers.Trainer")
     add_superglue_arguments(superglue)
     superglue.set_defaults(run=run_eval_superglue)
+
+    build_compare_parser(commands)
     return parser
 
 

@@ -18,8 +18,9 @@ class AfGPTConfig(PreTrainedConfig):
         doc_separator_token_id: when set, attention does not cross documents (tokens after a
             separator do not see tokens before it), as in lm-afs training.
         context_size: sliding attention window in tokens (None = full causal attention).
-        ffn_type: "mlp" (fc, activation, proj) or "kan" (two B-spline KAN layers whose base function is the
-            MLP activation; see afgpt.kan), with kan_grid_size (intervals), kan_spline_order, kan_grid_range
+        ffn_type: "mlp" (fc, activation, proj), "glu" (proj(act(gate(x)) * up(x)), width 2/3 of
+            intermediate_size so the parameters match the MLP's; see afgpt.ffn) or "kan" (two B-spline KAN layers
+            whose base function is the MLP activation; see afgpt.kan), with kan_grid_size (intervals), kan_spline_order, kan_grid_range
             and kan_width ("params": hidden width matching the MLP's parameter count, "mlp": intermediate_size).
     """
 

@@ -3,6 +3,8 @@
 A feed-forward maps [..., hidden_size] to [..., hidden_size]. Its activation is passed in (in models, a
 `SlotActivation` into the model's activation set), so the same layer serves AfGPT and patched models.
     mlp  fc (hidden -> intermediate), activation, proj (intermediate -> hidden); no biases, proj starts at zero.
+    glu  proj(activation(gate(x)) * up(x)) (Shazeer, 2020: gelu GeGLU, silu SwiGLU, relu ReGLU), no biases, proj
+         starts at zero; its width (`glu_width`) follows the 2/3 rule so it has the MLP's parameter count.
     kan  two B-spline KAN layers (efficient-kan's formulation, afgpt.kan) whose base function is the activation.
 """
 from collections.abc import Callable
@@ -45,6 +47,10 @@ class FFNSettings:
         return asdict(self)
 
     @property
+    def glu_width(self) -> int:
+        return glu_width(self.intermediate_size)
+
+    @property
     def kan_hidden_size(self) -> int:
         return kan_hidden_size(self.hidden_size, self.intermediate_size, self.kan_grid_size, self.kan_spline_order,
                                self.kan_width)
@@ -54,13 +60,36 @@ def build_mlp(settings: FFNSettings, activation: nn.Module) -> nn.Module:
     return MLP(settings.hidden_size, settings.intermediate_size, activation)
 
 
+GLU_MULTIPLE = 8  # a tensor-core-friendly width, used when it keeps the parameter count within 1%
+
+
+def glu_width(intermediate_size: int) -> int:
+    """The GLU width whose 3 matrices hold as many parameters as the MLP's 2 (2/3 of intermediate_size), rounded
+    to a multiple of GLU_MULTIPLE when that stays within 1% of the MLP's count. Within 1% for any
+    intermediate_size >= 75 (plain rounding is off by at most half a column of 3)."""
+    width = round(2 * intermediate_size / 3)
+    aligned = max(GLU_MULTIPLE, GLU_MULTIPLE * round(width / GLU_MULTIPLE))
+    return aligned if abs(3 * aligned - 2 * intermediate_size) <= 0.01 * 2 * intermediate_size else width
+
+
+def activation_width(ffn_type: str, intermediate_size: int) -> int:
+    """The channels the MLP activation sees (per-channel activations need it): the GLU's gate width for "glu",
+    else intermediate_size (a KAN refuses per-channel activations, see check_ffn_activation)."""
+    return glu_width(intermediate_size) if ffn_type == "glu" else intermediate_size
+
+
+def build_glu(settings: FFNSettings, activation: nn.Module) -> nn.Module:
+    return GLU(settings.hidden_size, settings.glu_width, activation)
+
+
 def build_kan(settings: FFNSettings, activation: nn.Module) -> nn.Module:
     return KANFeedForward(settings.hidden_size, settings.kan_hidden_size, grid_size=settings.kan_grid_size,
                           spline_order=settings.kan_spline_order, grid_range=settings.kan_grid_range,
                           base_activation=activation)
 
 
-FFN_BUILDERS: dict[str, Callable[[FFNSettings, nn.Module], nn.Module]] = {"mlp": build_mlp, "kan": build_kan}
+FFN_BUILDERS: dict[str, Callable[[FFNSettings, nn.Module], nn.Module]] = {"mlp": build_mlp, "kan": build_kan,
+                                                                          "glu": build_glu}
 FFN_TYPES = tuple(FFN_BUILDERS)
 
 
@@ -106,6 +135,27 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.proj(self.activation(self.fc(x)))
+
+
+class GLU(nn.Module):
+    """proj(activation(gate(x)) * up(x)) (Shazeer, 2020), no biases and proj starting at zero like the MLP, so
+    swapping "mlp" for "glu" changes only the gating."""
+
+    def __init__(self, hidden_size: int, width: int, activation: nn.Module):
+        super().__init__()
+        self.gate = nn.Linear(hidden_size, width, bias=False)
+        self.up = nn.Linear(hidden_size, width, bias=False)
+        self.activation = activation
+        self.proj = nn.Linear(width, hidden_size, bias=False)
+        self.proj.zero_init = True
+
+    def forward(self, x):
+        return self.proj(self.activation(self.gate(x)) * self.up(x))
+
+    def extra_repr(self) -> str:
+        hidden, width = self.gate.in_features, self.gate.out_features
+        return (f"hidden={hidden}, width={width}, parameters={3 * hidden * width:,}: "
+                "proj(activation(gate(x)) * up(x))")
 
 
 @torch.no_grad()

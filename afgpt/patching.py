@@ -8,11 +8,11 @@ afgpt activation set, exactly as in AfGPT:
   activation through a `SlotActivation` that looks the module up in the set when called, so layer sharing is
   structural and survives saving;
 - ffn_type "mlp" (default) replaces only the MLP activation (GPT-Neo `h[i].mlp.act`, RoBERTa
-  `encoder.layer[i].intermediate.intermediate_act_fn`); ffn_type "kan" replaces the whole feed-forward with
-  afgpt's KAN feed-forward (hidden -> hidden) whose base function is the MLP activation, keeping the host's dropout,
-  residual and LayerNorm: GPT-Neo's `h[i].mlp` becomes `HostFeedForward(kan, the old mlp.dropout)` (state-dict names
-  `h.<i>.mlp.ffn.*`), RoBERTa's `intermediate` becomes the KAN and `output.dense` an `nn.Identity`, so RobertaOutput's
-  dropout + residual + LayerNorm still apply;
+  `encoder.layer[i].intermediate.intermediate_act_fn`); ffn_type "glu" or "kan" replaces the whole feed-forward
+  with afgpt's (hidden -> hidden; the GLU gates with the MLP activation, the KAN uses it as base function), keeping
+  the host's dropout, residual and LayerNorm: GPT-Neo's `h[i].mlp` becomes `HostFeedForward(ffn, the old
+  mlp.dropout)` (state-dict names `h.<i>.mlp.ffn.*`), RoBERTa's `intermediate` becomes the feed-forward and
+  `output.dense` an `nn.Identity`, so RobertaOutput's dropout + residual + LayerNorm still apply;
 - unless the spec says att-none, an `AttentionSlot` x + f(a*x + b) (a = 1, b = 0 at first) is registered as
   `pre_activation` on each self-attention module (GPT-Neo `h[i].attn.attention`, RoBERTa
   `encoder.layer[i].attention.self`) and applied to its `hidden_states` input by a forward pre-hook, so it acts on
@@ -91,8 +91,9 @@ class AfGPTNeoConfig(GPTNeoConfig):
         af_type: "<mlp>;att-<att>" spec, e.g. "spline;att-spline"; att-none adds no slot before QKV.
         af_layer_specific: 0 one activation shared by all layers, 1 one per layer, 2 middle layers shared.
         af_range, af_n_anchors, af_init: the spline grid and initial value (-1: identity).
-        ffn_type: "mlp" (the host's MLP with the activation swapped) or "kan" (afgpt's KAN feed-forward), with
-            kan_grid_size, kan_spline_order, kan_grid_range and kan_width ("params" or "mlp").
+        ffn_type: "mlp" (the host's MLP with the activation swapped), "glu" (afgpt's GLU gated by the activation)
+            or "kan" (afgpt's KAN feed-forward), with kan_grid_size, kan_spline_order, kan_grid_range and kan_width
+            ("params" or "mlp").
     """
 
     model_type = "afgpt_gpt_neo"
@@ -141,7 +142,8 @@ class AfRobertaConfig(RobertaConfig):
 
 
 class HostFeedForward(nn.Module):
-    """An afgpt feed-forward in place of a host's MLP module, followed by the host's dropout (GPT-Neo with KAN)."""
+    """An afgpt feed-forward in place of a host's MLP module, followed by the host's dropout (GPT-Neo with GLU or
+    KAN)."""
 
     def __init__(self, ffn: nn.Module, dropout: nn.Module):
         super().__init__()
@@ -187,7 +189,7 @@ class Host:
     attention: Callable[[nn.Module], nn.Module]  # layer -> the self-attention module computing Q, K, V
     set_activation: Callable[[nn.Module, nn.Module], None]
     set_ffn: Callable[[nn.Module, nn.Module], None]
-    feed_forward: Callable[[nn.Module], nn.Module]  # layer -> the modules a KAN replaces (for parameter counts)
+    feed_forward: Callable[[nn.Module], nn.Module]  # layer -> the modules a GLU or KAN replaces (parameter counts)
 
 
 GPT_NEO = Host("GPT-Neo", AfGPTNeoConfig, lambda base: base.h, lambda layer: layer.attn.attention,
@@ -236,7 +238,7 @@ def _build_patch(model: nn.Module, host: Host, config) -> tuple[ActivationSet, l
     per_layer = []
     for i in range(len(layers)):
         activation = SlotActivation(activations, "mlp", i)
-        ffn = build_ffn(settings, activation) if config.ffn_type == "kan" else None
+        ffn = build_ffn(settings, activation) if config.ffn_type != "mlp" else None
         slot = AttentionSlot(activations, i) if activations.att is not None else None
         per_layer.append((activation, ffn, slot))
     return activations, per_layer
@@ -262,12 +264,14 @@ def _install_patch(model: nn.Module, host: Host, activations: ActivationSet, per
 
 def _log_feed_forward(model: nn.Module, host: Host, before: int | None) -> None:
     config = model.config
-    if config.ffn_type != "kan":
+    if config.ffn_type == "mlp":
         return
     after = sum(p.numel() for p in host.feed_forward(host.layers(model.base_model)[0]).parameters())
     mlp = f" (the MLP it replaces has {before:,})" if before is not None else ""
-    logger.info(f"{host.name} feed-forward: KAN with {after:,} parameters per layer{mlp}, hidden width "
-                f"{FFNSettings.from_config(config).kan_hidden_size}")
+    settings = FFNSettings.from_config(config)
+    width = settings.kan_hidden_size if config.ffn_type == "kan" else settings.glu_width
+    logger.info(f"{host.name} feed-forward: {config.ffn_type.upper()} with {after:,} parameters per layer{mlp}, "
+                f"hidden width {width}")
 
 
 # ---------------------------------------------------------------------------- patched classes
@@ -360,11 +364,12 @@ def patch_model(model: nn.Module, af_type: str | None = None, layer_specific: in
     """Give a GPT-Neo or RoBERTa model afgpt's activations, in place, and return it.
 
     af_type: "<mlp>;att-<att>" (default: the bank's, else "prelu;att-none"); layer_specific: 0 shared by all
-    layers, 1 one per layer, 2 middle layers shared. ffn_type None or "mlp" swaps the MLP activation, "kan" replaces
-    the feed-forward with afgpt's KAN (kan_* arguments). A bank (`afgpt.load_activations(...)`) sets the anchor grid
-    (af_range, af_n_anchors) and is loaded after patching (`freeze` stops it training); without a bank, `freeze`
-    freezes the fresh activations. The model's class becomes the patched subclass (e.g. AfGPTNeoForCausalLM) and its
-    config the patched config, so save_pretrained / Auto*.from_pretrained keep the patch (after `import afgpt`).
+    layers, 1 one per layer, 2 middle layers shared. ffn_type None or "mlp" swaps the MLP activation, "glu" replaces
+    the feed-forward with afgpt's GLU gated by it, "kan" with afgpt's KAN (kan_* arguments). A bank
+    (`afgpt.load_activations(...)`) sets the anchor grid (af_range, af_n_anchors) and is loaded after patching
+    (`freeze` stops it training); without a bank, `freeze` freezes the fresh activations. The model's class becomes
+    the patched subclass (e.g. AfGPTNeoForCausalLM) and its config the patched config, so save_pretrained /
+    Auto*.from_pretrained keep the patch (after `import afgpt`).
     """
     if is_patched(model):
         raise ValueError(f"this {type(model).__name__} already has afgpt activations (it was patched, or is an afgpt "

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from afgpt.activations import (
-    ACTIVATION_NAMES, LEARNABLE_NAMES, SplineGrid, Spline, build_activation, is_learnable, parse_af_spec,
+    ACTIVATION_NAMES, LEARNABLE_NAMES, PER_CHANNEL_NAMES, SplineGrid, Spline, build_activation, is_learnable,
+    parse_af_spec,
 )
 
 
@@ -26,7 +27,7 @@ def reference_spline(x, values, af_range):
 FIXED = {
     "linear": lambda x: x, "relu": F.relu, "relu2": lambda x: F.relu(x) ** 2, "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "tanh": torch.tanh,
-    "mish": F.mish, "hardswish": F.hardswish,
+    "mish": F.mish, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid,
 }
 
 
@@ -143,3 +144,127 @@ def test_parse_af_spec(spec, mlp, att):
 def test_none_is_only_valid_for_attention():
     with pytest.raises(ValueError, match="unknown MLP activation 'none'"):
         parse_af_spec("none;att-linear")
+
+
+NEW_LEARNABLE = ["gelu_learn", "apl", "xielu"]
+
+
+def test_new_activations_are_registered_with_their_kind():
+    assert {"gelu_learn", "apl", "xielu", "hardsigmoid"} <= set(ACTIVATION_NAMES)
+    assert set(NEW_LEARNABLE) <= set(LEARNABLE_NAMES) and not is_learnable("hardsigmoid")
+    assert "apl" in PER_CHANNEL_NAMES and not {"gelu_learn", "xielu"} & set(PER_CHANNEL_NAMES)
+    for name in (*NEW_LEARNABLE, "hardsigmoid"):
+        assert (parse_af_spec(f"{name};att-none").mlp, parse_af_spec(f"gelu;att-{name}").att) == (name, name)
+
+
+@pytest.mark.parametrize("spec, message", [("gelu_learnt;att-none", "unknown MLP activation 'gelu_learnt'"),
+                                           ("gelu;att-apl2", "unknown attention activation 'apl2'")])
+def test_bad_names_list_the_valid_ones_including_the_new(spec, message):
+    with pytest.raises(ValueError, match=message) as error:
+        parse_af_spec(spec)
+    assert all(name in str(error.value) for name in ("gelu_learn", "apl", "xielu", "hardsigmoid"))
+
+
+def test_learnable_gelu_starts_as_gelu():
+    module = build_activation("gelu_learn", 8)
+    x = torch.linspace(-6, 6, 201)
+    assert module.scale.item() == 1.0
+    torch.testing.assert_close(module(x), F.gelu(x))
+    with torch.no_grad():
+        module.scale.fill_(1.702)
+    torch.testing.assert_close(module(x), x * torch.distributions.Normal(0, 1).cdf(1.702 * x))
+
+
+def test_apl_starts_as_relu_with_spread_hinges():
+    module = build_activation("apl", 5)
+    assert module.slopes.shape == module.hinge_points.shape == (5, 2) and torch.all(module.slopes == 0)
+    torch.testing.assert_close(module.hinge_points, torch.tensor([[-1.0, 1.0]]).expand(5, 2))
+    x = torch.randn(3, 7, 5) * 3
+    assert torch.equal(module(x), F.relu(x))
+
+
+def test_apl_computes_its_hinges_per_channel():
+    module = build_activation("apl", 3)
+    with torch.no_grad():
+        module.slopes.normal_()
+        module.hinge_points.normal_()
+    x = torch.randn(4, 3)
+    expected = torch.stack([F.relu(x[:, c]) + sum(module.slopes[c, s] * F.relu(module.hinge_points[c, s] - x[:, c])
+                                                  for s in range(2)) for c in range(3)], 1)
+    torch.testing.assert_close(module(x), expected)
+
+
+def test_xielu_is_transformers_with_fp32_parameters():
+    from transformers.activations import XIELUActivation
+
+    module = build_activation("xielu", 8)
+    reference = XIELUActivation(dtype=torch.float32)
+    x = torch.linspace(-6, 6, 201)
+    torch.testing.assert_close(module(x), reference(x))
+    assert all(t.dtype == torch.float32 for t in module.state_dict().values())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert module(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", NEW_LEARNABLE)
+def test_new_learnable_activations_start_at_their_initial_state_and_get_gradients(name):
+    module = build_activation(name, 4)
+    start = {k: v.clone() for k, v in module.state_dict().items()}
+    for key, value in module.initial_state().items():
+        torch.testing.assert_close(start[key], value, rtol=0, atol=0)
+    with torch.no_grad():  # APL's slopes start at 0, so the hinge points need a slope to get a gradient
+        for p in module.parameters():
+            p.add_(0.1)
+    module(torch.randn(16, 4) * 2).square().sum().backward()
+    for param_name, p in module.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, param_name
+
+
+@pytest.mark.parametrize("af_type", ["gelu_learn;att-apl", "apl;att-xielu", "xielu;att-none"])
+def test_bank_round_trips_the_new_learnable_activations(af_type, tmp_path):
+    import afgpt
+    from afgpt.bank import ActivationBank, read_activations
+    from conftest import perturb, tiny_config
+
+    model = perturb(afgpt.AfGPTForCausalLM(tiny_config(af_type=af_type, num_hidden_layers=2)))
+    bank = ActivationBank.from_model(model)
+    bank.save(tmp_path / "bank")
+    read = read_activations(tmp_path / "bank")
+    assert read.settings.af_type == af_type
+    assert read.state_dict().keys() == bank.state_dict().keys()
+    for key, value in bank.state_dict().items():
+        torch.testing.assert_close(read.state_dict()[key], value, rtol=0, atol=0)
+    fresh = afgpt.AfGPTForCausalLM(tiny_config(af_type=af_type, num_hidden_layers=2))
+    read.load_into(fresh)
+    for key, value in model.model.activations.state_dict().items():
+        torch.testing.assert_close(fresh.model.activations.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_a_model_built_on_the_meta_device_starts_the_new_activations_at_their_initial_values():
+    import afgpt
+    from transformers import AutoModelForCausalLM
+    from conftest import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config(af_type="xielu;att-gelu_learn", num_hidden_layers=2))
+    model_apl = AutoModelForCausalLM.from_config(tiny_config(af_type="apl;att-none", num_hidden_layers=2))
+    modules = [*model.model.activations.mlp, *model.model.activations.att, *model_apl.model.activations.mlp]
+    for module in modules:
+        for key, value in module.initial_state().items():
+            torch.testing.assert_close(module.state_dict()[key], value, rtol=0, atol=0)
+    assert isinstance(model, afgpt.AfGPTForCausalLM)
+
+
+@pytest.mark.parametrize("name", [*NEW_LEARNABLE, "hardsigmoid"])
+def test_new_activations_plot(name):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from afgpt.plotting import draw_activation
+
+    fig, ax = plt.subplots()
+    draw_activation(ax, build_activation(name, 6).to(torch.bfloat16))
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert ("6 of 6 channels" in labels) == (name in PER_CHANNEL_NAMES)
+    plt.close(fig)

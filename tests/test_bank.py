@@ -61,7 +61,7 @@ def test_save_and_read_round_trip(tmp_path, af_type, sharing):
     config = json.loads((directory / "af_config.json").read_text())
     assert config == {"format": "afgpt-activations", "version": 1, "af_type": af_type, "af_layer_specific": sharing,
                       "af_range": 3.0, "af_n_anchors": 16, "num_hidden_layers": 4, "hidden_size": 32,
-                      "intermediate_size": 128, "provenance": bank.provenance}
+                      "intermediate_size": 128, "ffn_type": "mlp", "provenance": bank.provenance}
     read = read_activations(directory)
     assert_same_tensors(read, bank.state_dict())
     assert read.af_config() == config

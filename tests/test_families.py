@@ -337,7 +337,7 @@ def run_cli(argv: list[str], capsys) -> str:
     (["--size", "small", "--hidden-size", "64"], "hidden_size=64 conflicts with size='small'"),
     (["--model", "roberta", "--doc-masking"], "only --model afgpt has doc masking"),
     (["--model", "gpt-neo", "--context-size", "16"], "only --model afgpt has context size"),
-    (["--model", "gpt-neo", "--ffn-type", "glu"], "ffn_type='glu': gpt-neo takes mlp or kan"),
+    (["--model", "gpt-neo", "--ffn-type", "swiglu"], "ffn_type='swiglu': gpt-neo takes mlp, kan, glu"),
 ])
 def test_bad_family_settings_fail_before_any_work(tmp_path, capsys, monkeypatch, flags, message):
     def never(*args, **kwargs):

@@ -1,17 +1,18 @@
-"""The feed-forward registry, and AfGPT with a KAN feed-forward."""
+"""The feed-forward registry, and AfGPT with KAN and GLU feed-forwards."""
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 import afgpt
-from afgpt.ffn import FFN_TYPES, MLP, FFNSettings, build_ffn
+from afgpt.bank import read_activations
+from afgpt.ffn import FFN_TYPES, GLU, MLP, FFNSettings, activation_width, build_ffn, glu_width
 from afgpt.kan import KANFeedForward, KANLinear
 from conftest import perturb, tiny_config
 
 
 def test_registry_builds_each_type_from_explicit_arguments():
-    assert FFN_TYPES == ("mlp", "kan")
+    assert FFN_TYPES == ("mlp", "kan", "glu")
     activation = torch.nn.GELU()
     mlp = build_ffn(FFNSettings(hidden_size=8, intermediate_size=32), activation)
     assert isinstance(mlp, MLP) and mlp.activation is activation
@@ -46,6 +47,7 @@ def test_kan_width_matches_the_mlp_in_parameters_or_in_width(width):
     (dict(kan_grid_range=(1, -1)), "kan_grid_range=.* is invalid"),
     (dict(ffn_type="kan", af_type="prelu;att-none"), "cannot be per-channel"),
     (dict(ffn_type="kan", af_type="splinePerDim;att-none"), "cannot be per-channel"),
+    (dict(ffn_type="kan", af_type="apl;att-none"), "cannot be per-channel"),
 ])
 def test_bad_ffn_settings_name_the_field_and_the_fix(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -122,3 +124,111 @@ def test_afgpt_with_kan_trains_through_the_loop_and_reports_grid_coverage(tmp_pa
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
     assert isinstance(loaded.model.layers[0].mlp, KANFeedForward) and loaded.config.kan_grid_range == [-2.0, 2.0]
     assert final["val_loss"] < 6.0
+
+
+def test_glu_computes_the_gated_product_by_hand():
+    activation = torch.nn.SiLU()
+    glu = build_ffn(FFNSettings(ffn_type="glu", hidden_size=8, intermediate_size=12), activation)
+    assert isinstance(glu, GLU) and glu.activation is activation and glu.gate.out_features == 8
+    assert all(m.bias is None for m in (glu.gate, glu.up, glu.proj)) and glu.proj.zero_init
+    with torch.no_grad():
+        glu.proj.weight.normal_()
+    x = torch.randn(3, 5, 8)
+    expected = (F.silu(x @ glu.gate.weight.T) * (x @ glu.up.weight.T)) @ glu.proj.weight.T
+    torch.testing.assert_close(glu(x), expected)
+    assert "hidden=8, width=8, parameters=192" in repr(glu)
+
+
+# hidden, intermediate, GLU width: 2/3 of intermediate, a multiple of 8 where that stays within 1%
+GLU_WIDTHS = [(32, 128, 85), (64, 256, 171), (128, 512, 344), (256, 1024, 680), (768, 3072, 2048),
+              (1024, 4096, 2728)]
+
+
+@pytest.mark.parametrize("hidden, intermediate, width", GLU_WIDTHS)
+def test_glu_matches_the_mlp_parameter_count_within_one_percent(hidden, intermediate, width):
+    settings = FFNSettings(ffn_type="glu", hidden_size=hidden, intermediate_size=intermediate)
+    assert settings.glu_width == activation_width("glu", intermediate) == width
+    assert activation_width("mlp", intermediate) == activation_width("kan", intermediate) == intermediate
+    with torch.device("meta"):
+        glu = build_ffn(settings, torch.nn.GELU())
+        mlp = build_ffn(FFNSettings(hidden_size=hidden, intermediate_size=intermediate), torch.nn.GELU())
+    glu_params, mlp_params = (sum(p.numel() for p in m.parameters()) for m in (glu, mlp))
+    assert abs(glu_params - mlp_params) <= 0.01 * mlp_params
+
+
+def test_glu_width_is_within_one_percent_from_75_channels_up():
+    for intermediate in range(75, 5000):
+        assert abs(3 * glu_width(intermediate) - 2 * intermediate) <= 0.01 * 2 * intermediate, intermediate
+
+
+@pytest.mark.parametrize("af_type", ["gelu;att-linear", "spline;att-spline", "prelu;att-none", "apl;att-apl",
+                                     "xielu;att-gelu_learn"])
+def test_afgpt_with_glu_trains_and_round_trips(af_type, tmp_path):
+    config = tiny_config(af_type=af_type, ffn_type="glu", num_hidden_layers=2)
+    model = afgpt.AfGPTForCausalLM(config)
+    ffn = model.model.layers[0].mlp
+    assert isinstance(ffn, GLU) and ffn.gate.out_features == glu_width(4 * 32)
+    assert torch.all(ffn.proj.weight == 0) and ffn.gate.weight.std() > 0  # initialised like the MLP
+    x = torch.randint(0, 97, (2, 9))
+    perturb(model)
+    loss = model(x, labels=x).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.ffn_type == "glu"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["prelu", "apl", "splinePerDim"])
+def test_per_channel_activations_get_the_glu_width(name, tmp_path):
+    model = afgpt.AfGPTForCausalLM(tiny_config(af_type=f"{name};att-none", ffn_type="glu", num_hidden_layers=2))
+    width = glu_width(4 * 32)
+    assert all(module.channels == width for module in model.model.activations.mlp)
+    bank = afgpt.ActivationBank.from_model(perturb(model))
+    bank.save(tmp_path / "bank")
+    read = read_activations(tmp_path / "bank")
+    assert read.settings.ffn_type == "glu" and read.settings.mlp_width == width
+    fresh = afgpt.AfGPTForCausalLM(tiny_config(af_type=f"{name};att-none", ffn_type="glu", num_hidden_layers=2))
+    read.load_into(fresh)
+    x = torch.randint(0, 97, (2, 5))
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(x).logits, model(x).logits, rtol=0, atol=0)
+    mlp_model = afgpt.AfGPTForCausalLM(tiny_config(af_type=f"{name};att-none", num_hidden_layers=2))
+    assert f"has {width} channels in the bank but {4 * 32} in the model" in "\n".join(read.mismatches(mlp_model))
+
+
+@pytest.mark.parametrize("family", ["gpt_neo", "roberta"])
+@pytest.mark.parametrize("af_type", ["gelu;att-none", "prelu;att-spline"])
+def test_patched_models_take_a_glu_feed_forward(family, af_type, tmp_path):
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM, RobertaConfig, RobertaForMaskedLM
+
+    torch.manual_seed(0)
+    if family == "gpt_neo":
+        model = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=2,
+                                               attention_types=[[["global", "local"], 1]], max_position_embeddings=64,
+                                               intermediate_size=128))
+    else:
+        model = RobertaForMaskedLM(RobertaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=128,
+                                                 max_position_embeddings=70, pad_token_id=1))
+    afgpt.patch_model(model, af_type, ffn_type="glu")
+    glus = [m for m in model.modules() if isinstance(m, GLU)]
+    assert len(glus) == 2 and all(glu.gate.out_features == glu_width(128) == 85 for glu in glus)
+    assert all(sum(p.numel() for p in glu.parameters()) == 3 * 32 * 85 for glu in glus)  # MLP weights: 2 * 32 * 128
+    assert getattr(model.base_model.activations.mlp[0], "channels", 85) == 85
+    x = torch.randint(3, 97, (2, 9))
+    model.train()
+    loss = model(x, labels=x).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(glu.gate.weight.grad is not None for glu in glus)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path) if family == "roberta" else \
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.ffn_type == "glu" and sum(isinstance(m, GLU) for m in loaded.eval().modules()) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)

@@ -21,6 +21,7 @@ from afgpt import data as data_lib
 from afgpt.cli import main
 from afgpt.data import write_shard
 from afgpt.ensemble import Replica
+from afgpt.activation_set import SlotActivation
 from afgpt.training import loop, monitors
 from afgpt.training import AfTrainer, ActivationPlotCallback, TrainConfig, lr_factor, train
 from conftest import RandomTokens, tiny_config, tiny_run
@@ -602,3 +603,42 @@ def test_settings_are_checked_before_any_work(tmp_path, capsys, monkeypatch, fla
 
 def test_one_default_vocabulary_size():
     assert data_lib.DEFAULT_VOCAB_SIZE == TrainConfig.vocab_size == TrainConfig().vocab_size
+
+
+# ----------------------------------------------------------------------------- activation sparsity
+
+def sparsity_records(af_type: str) -> dict[tuple[int, str], dict]:
+    """The "act" records of one validation-like pass of a tiny AfGPT on random tokens."""
+    model = afgpt.AfGPTForCausalLM(tiny_config(af_type=af_type, num_hidden_layers=2)).eval()
+    monitor = monitors.ActivationMagnitudes(model)
+    with torch.no_grad():
+        model(torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0)))
+    monitor.close()
+    return {(r["layer"], r["slot"]): r for r in monitor.records(step=3)}
+
+
+def test_relu_outputs_are_sparse_and_gelu_outputs_are_not():
+    relu, gelu = sparsity_records("relu;att-linear"), sparsity_records("gelu;att-linear")
+    for layer in (0, 1):
+        assert relu[layer, "mlp"]["zero_frac"] > 0.3  # about half the pre-activations are negative
+        assert relu[layer, "mlp"]["small_frac"] >= relu[layer, "mlp"]["zero_frac"]
+        assert gelu[layer, "mlp"]["zero_frac"] < 1e-3  # GELU is exactly zero only at 0 (and far below, underflow)
+        assert gelu[layer, "mlp"]["small_frac"] < 0.3
+        assert relu[layer, "att"]["zero_frac"] < 1e-3  # the linear attention slot passes its input on
+
+
+def test_sparsity_records_count_every_output_of_the_watched_forwards():
+    model = afgpt.AfGPTForCausalLM(tiny_config(af_type="relu;att-linear", num_hidden_layers=1)).eval()
+    outputs = []
+    slot = next(m for m in model.modules() if isinstance(m, SlotActivation) and m.row == "mlp")
+    handle = slot.register_forward_hook(lambda module, args, output: outputs.append(output.detach()))
+    monitor = monitors.ActivationMagnitudes(model)
+    with torch.no_grad():
+        for seed in range(2):
+            model(torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(seed)))
+    monitor.close()
+    handle.remove()
+    y = torch.cat([o.flatten() for o in outputs])
+    record = next(r for r in monitor.records(step=1) if r["slot"] == "mlp")
+    assert record["zero_frac"] == pytest.approx((y == 0).float().mean().item())
+    assert record["small_frac"] == pytest.approx((y.abs() < monitors.SMALL_OUTPUT).float().mean().item())

@@ -13,7 +13,7 @@ from ..activations import ACTIVATION_NAMES, parse_af_spec
 from ..atomic import write_text_atomically
 from ..configuration_afgpt import AfGPTConfig
 from ..ensemble import start_steps
-from ..ffn import FFNSettings, check_ffn_activation
+from ..ffn import FFN_TYPES, FFNSettings, check_ffn_activation
 from ..hub import FILE_SUFFIXES as ACTIVATION_FILE_SUFFIXES
 from ..paths import looks_like_path
 
@@ -23,7 +23,6 @@ WARMUP_PERCENT, COOLDOWN_PERCENT = 10, 50  # of max_steps, for warmup/cooldown l
 POSITIVE_FIELDS = ("max_steps", "per_device_train_batch_size", "seq_length", "gradient_accumulation_steps",
                    "logging_steps", "eval_steps", "save_steps", "eval_batches", "val_tokens")
 FAMILIES = ("afgpt", "gpt-neo", "roberta")  # --model; afgpt.training.families builds them
-FAMILY_FFN_TYPES = ("mlp", "kan")  # the feed-forwards afgpt.patch_model puts into GPT-Neo and RoBERTa
 SIZES = {  # --size presets (the same shape for every family; non-embedding parameters: GPT-Neo, RoBERTa, AfGPT)
     "tiny": {"hidden_size": 128, "num_hidden_layers": 5, "num_attention_heads": 4},  # 0.99M, 1.01M, ~1M
     "small": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 6},  # 10.6M, 10.8M, ~10.6M
@@ -98,8 +97,9 @@ class TrainConfig:
     af_range: float = option(15.0, "splines: anchors evenly spaced on [-af_range, af_range]")
     af_n_anchors: int = option(64, "splines: number of anchors")
     af_init: float = option(0.01, "splines: initial constant value, or -1 to start as the identity")
-    ffn_type: str = option("mlp", "feed-forward: mlp (the family's MLP with the --af-type MLP activation) or kan "
-                                  "(a B-spline KAN whose base function is that activation)")
+    ffn_type: str = option("mlp", "feed-forward: mlp (the family's MLP with the --af-type MLP activation), kan "
+                                  "(a B-spline KAN whose base function is that activation) or glu (act(x W) * x V, "
+                                  "width 2/3 of the MLP's so parameters match)")
     kan_grid_size: int = option(5, "kan: grid intervals of each B-spline")
     kan_spline_order: int = option(3, "kan: B-spline order (3: cubic)")
     kan_grid_range: tuple[float, float] = option((-1.0, 1.0), "kan: the splines' grid range LOW HIGH")
@@ -255,8 +255,8 @@ def check_family_settings(cfg: TrainConfig) -> None:
     if cfg.hidden_size % cfg.num_attention_heads:
         raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by num_attention_heads="
                          f"{cfg.num_attention_heads}: pick a head count that divides the width")
-    if cfg.ffn_type not in FAMILY_FFN_TYPES:
-        raise ValueError(f"ffn_type={cfg.ffn_type!r}: {cfg.model} takes {' or '.join(FAMILY_FFN_TYPES)}")
+    if cfg.ffn_type not in FFN_TYPES:
+        raise ValueError(f"ffn_type={cfg.ffn_type!r}: {cfg.model} takes {', '.join(FFN_TYPES)}")
     ActivationSettings(af_type=cfg.af_type, af_layer_specific=cfg.af_layer_specific, af_range=cfg.af_range,
                        af_n_anchors=cfg.af_n_anchors, af_init=cfg.af_init, num_hidden_layers=cfg.num_hidden_layers,
                        hidden_size=cfg.hidden_size)  # checks the activation fields

@@ -16,29 +16,39 @@ from .objectives import ForwardCausalLM, Objective, accuracy_kind
 logger = logging.getLogger("afgpt")
 
 
+SMALL_OUTPUT = 1e-3  # |f(x)| below this counts as (nearly) inactive in the sparsity monitor
+
+
 class ActivationMagnitudes:
-    """Mean and max |input| of every layer's MLP and attention activation (AfGPT or patched), over all the
-    forwards it watches, via hooks on the layers' activation slots."""
+    """Mean and max |input| of every layer's MLP and attention activation (AfGPT or patched), and how sparse its
+    output is (the share of exact zeros, and of |f(x)| < SMALL_OUTPUT), over all the forwards it watches, via
+    hooks on the layers' activation slots. It watches validation only, so training pays nothing for it."""
 
     def __init__(self, model: torch.nn.Module):
-        self.sums: dict[tuple[int, str], list[float]] = {}  # (layer, row) -> [sum |x|, count, max |x|]
-        self.handles = [module.register_forward_pre_hook(self.hook) for module in model.modules()
+        # (layer, row) -> [sum |x|, count, max |x|, zero outputs, small outputs, output count]
+        self.sums: dict[tuple[int, str], list[float]] = {}
+        self.handles = [module.register_forward_hook(self.hook) for module in model.modules()
                         if isinstance(module, SlotActivation)]
 
-    def hook(self, module: SlotActivation, inputs: tuple[torch.Tensor]) -> None:
+    def hook(self, module: SlotActivation, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
         x = inputs[0].detach().abs().float()
-        sums = self.sums.setdefault((module.layer, module.row), [0.0, 0, 0.0])
+        y = output.detach().abs()
+        sums = self.sums.setdefault((module.layer, module.row), [0.0, 0, 0.0, 0, 0, 0])
         sums[0] += x.sum().item()
         sums[1] += x.numel()
         sums[2] = max(sums[2], x.max().item())
+        sums[3] += (y == 0).sum().item()
+        sums[4] += (y < SMALL_OUTPUT).sum().item()
+        sums[5] += y.numel()
 
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
 
     def records(self, step: int) -> list[dict]:
-        return [{"kind": "act", "step": step, "layer": layer, "slot": row, "mean_abs": total / count, "max_abs": peak}
-                for (layer, row), (total, count, peak) in sorted(self.sums.items())]
+        return [{"kind": "act", "step": step, "layer": layer, "slot": row, "mean_abs": total / count,
+                 "max_abs": peak, "zero_frac": zeros / outputs, "small_frac": small / outputs}
+                for (layer, row), (total, count, peak, zeros, small, outputs) in sorted(self.sums.items())]
 
 
 class KANGridCoverage:
