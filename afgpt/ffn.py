@@ -6,6 +6,9 @@ A feed-forward maps [..., hidden_size] to [..., hidden_size]. Its activation is 
     glu  proj(activation(gate(x)) * up(x)) (Shazeer, 2020: gelu GeGLU, silu SwiGLU, relu ReGLU), no biases, proj
          starts at zero; its width (`glu_width`) follows the 2/3 rule so it has the MLP's parameter count.
     kan  two B-spline KAN layers (efficient-kan's formulation, afgpt.kan) whose base function is the activation.
+    moa  proj(sum_k pi_k(h) f_k(fc(h))): token-adaptive gates over afgpt.mixtures' dictionary (identity, relu,
+         relu2, leaky_relu, gelu, silu, tanh), starting as the GELU MLP; moa_glu gates the GLU's activated branch
+         (width glu_width). Both take the place of the MLP activation, so af_type's MLP part must be gelu.
 """
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -15,6 +18,7 @@ from torch import nn
 
 from .activations import PER_CHANNEL_NAMES, AfSpec
 from .kan import KAN_WIDTH_CHOICES as KAN_WIDTHS, KANFeedForward, KANLinear, kan_hidden_size
+from .mixtures import MoAFeedForward
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,16 @@ def build_kan(settings: FFNSettings, activation: nn.Module) -> nn.Module:
                           base_activation=activation)
 
 
-FFN_BUILDERS: dict[str, Callable[[FFNSettings, nn.Module], nn.Module]] = {"mlp": build_mlp, "kan": build_kan,
-                                                                          "glu": build_glu}
+def build_moa(settings: FFNSettings, activation: nn.Module) -> nn.Module:
+    return MoAFeedForward(settings.hidden_size, settings.intermediate_size)  # its dictionary replaces `activation`
+
+
+def build_moa_glu(settings: FFNSettings, activation: nn.Module) -> nn.Module:
+    return MoAFeedForward(settings.hidden_size, settings.glu_width, glu=True)
+
+
+FFN_BUILDERS: dict[str, Callable[[FFNSettings, nn.Module], nn.Module]] = {
+    "mlp": build_mlp, "kan": build_kan, "glu": build_glu, "moa": build_moa, "moa_glu": build_moa_glu}
 FFN_TYPES = tuple(FFN_BUILDERS)
 
 
@@ -115,7 +127,12 @@ def check_ffn_settings(settings) -> None:
 
 
 def check_ffn_activation(ffn_type: str, spec: AfSpec) -> None:
-    """A KAN applies its base function on two widths, so it needs an elementwise (not per-channel) activation."""
+    """A KAN applies its base function on two widths, so it needs an elementwise (not per-channel) activation; MoA
+    replaces the MLP activation by its gated dictionary, which starts as GELU."""
+    if ffn_type in ("moa", "moa_glu") and spec.mlp != "gelu":
+        raise ValueError(
+            f"ffn_type={ffn_type!r} mixes its own dictionary of functions with token gates and starts as the GELU "
+            f"MLP, so the MLP activation {spec.mlp!r} would go unused: use af_type 'gelu;att-{spec.att}'")
     if ffn_type == "kan" and spec.mlp in PER_CHANNEL_NAMES:
         raise ValueError(
             f"ffn_type='kan' uses the MLP activation {spec.mlp!r} as the base function of both KAN layers, which have "

@@ -151,21 +151,45 @@ class LearnableMixture(nn.Module):
 
 def effective_rank(matrix: torch.Tensor) -> torch.Tensor:
     """exp(entropy of the singular values normalised to sum 1) (Roy & Vetterli, 2007): 1 for a rank-one matrix,
-    K when all K singular values are equal; 0-d fp32 tensor. Uncentred, so constant gates count as rank one.
-    Singular values from the eigenvalues of the fp64 K x K Gram matrix: cheap for [tokens, K], no SVD of it."""
+    K when all K singular values are equal; 0-d fp32 tensor. Uncentred, so constant gates count as rank one."""
     m = matrix.double()
-    s = torch.linalg.eigvalsh(m.T @ m).clamp_min(0).sqrt()
+    return rank_from_gram(m.T @ m)
+
+
+def rank_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """effective_rank from the K x K Gram matrix M^T M: its eigenvalues are the squared singular values of M, so
+    the rank of a [tokens, K] matrix seen in pieces needs only the sum of the pieces' Grams (no SVD of M)."""
+    s = torch.linalg.eigvalsh(gram.double()).clamp_min(0).sqrt()
     p = s / s.sum().clamp_min(torch.finfo(s.dtype).tiny)
     return torch.exp(-torch.special.xlogy(p, p).sum()).float()
 
 
-@torch.no_grad()
+class GateStatistics:
+    """Running statistics of [tokens, K] gate matrices seen batch by batch: per-function mean and (biased)
+    variance over all tokens, and the effective rank of all of them stacked. A collapse to constant gates (MoA
+    turned into a fixed mixture, LA) shows as variance ~0 and effective rank ~1."""
+
+    def __init__(self):
+        self.count, self.total, self.squares, self.gram = 0, 0.0, 0.0, 0.0
+
+    @torch.no_grad()
+    def update(self, gates: torch.Tensor) -> "GateStatistics":
+        g = gates.detach().reshape(-1, gates.shape[-1]).double()
+        self.count += g.shape[0]
+        self.total = self.total + g.sum(0)
+        self.squares = self.squares + (g * g).sum(0)
+        self.gram = self.gram + g.T @ g
+        return self
+
+    def result(self) -> dict[str, torch.Tensor]:
+        mean = self.total / self.count
+        return {"mean": mean.float(), "variance": (self.squares / self.count - mean * mean).clamp_min(0).float(),
+                "effective_rank": rank_from_gram(self.gram)}
+
+
 def gate_statistics(gates: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Of a [tokens, K] gate matrix: per-function mean and variance over tokens ([K] each, biased variance) and
-    its effective rank (how many independent mixing patterns the tokens use). Tensors: no .item(), though the
-    eigen-solve may wait for the device."""
-    gates = gates.detach().float()
-    return {"mean": gates.mean(0), "variance": gates.var(0, correction=0), "effective_rank": effective_rank(gates)}
+    """GateStatistics of one [tokens, K] gate matrix."""
+    return GateStatistics().update(gates).result()
 
 
 class TokenGates(nn.Module):
@@ -208,7 +232,7 @@ class MoAFeedForward(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, base: str = "gelu",
                  names: Sequence[str] | None = None, glu: bool = False, bias: bool = False,
-                 gate_init: float = 10.0, track_gates: bool = False):
+                 gate_init: float = 10.0):
         super().__init__()
         self.names, self.base, self.glu = check_names(names, base), base, glu
         self.fc = nn.Linear(hidden_size, intermediate_size, bias=bias)
@@ -216,13 +240,9 @@ class MoAFeedForward(nn.Module):
         self.gates = TokenGates(hidden_size, self.names, base, gate_init)
         self.proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.proj.zero_init = True
-        self.track_gates = track_gates
-        self.last_gate_stats: dict[str, torch.Tensor] | None = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         gates = self.gates(h)
-        if self.track_gates:
-            self.last_gate_stats = gate_statistics(gates.reshape(-1, gates.shape[-1]))
         z = self.fc(h)
         mixed = mix(z, self.names, gates.unsqueeze(-2).unbind(-1))
         return self.proj(mixed * self.up(h) if self.glu else mixed)

@@ -21,6 +21,7 @@ from torch import nn
 from .activation_set import ROWS, find_activation_set
 from .activations import Spline
 from .atomic import write_atomically
+from .mixtures import DICTIONARY
 
 DPI = 150
 FIXED_X_RANGE = 5.0  # non-spline activations are drawn on [-5, 5]
@@ -229,6 +230,40 @@ def activation_magnitudes_figure(records: list[dict], af_range: float | None = N
 
 def plot_activation_magnitudes(records: list[dict], path: str | os.PathLike, af_range: float | None = None) -> None:
     save_figure(activation_magnitudes_figure(records, af_range), path)
+
+
+def moa_gates_figure(records: list[dict]) -> Figure:
+    """MoA's token gates ("moa_gates" records): the effective rank of each layer's gate matrix vs step (1 means
+    every token gets the same mixture, i.e. MoA collapsed to LA), each function's mean gate vs step (mean over
+    layers), and each layer's mean-gated function x -> sum_k mean(pi_k) f_k(x) at the last step."""
+    fig, ((rank_ax, mean_ax, curve_ax),) = new_figure(1, 3, (4.2, 3.6))
+    gates = [r for r in records if r.get("kind") == "moa_gates"]
+    modules = list(dict.fromkeys(r["module"] for r in gates))
+    names = gates[0]["names"] if gates else []
+    x = torch.linspace(-FIXED_X_RANGE, FIXED_X_RANGE, CURVE_POINTS)
+    for i, module in enumerate(modules):
+        color = colormaps["viridis"](0.85 * i / max(1, len(modules) - 1))
+        group = [r for r in gates if r["module"] == module]
+        rank_ax.plot(*series(group, "effective_rank"), color=color, lw=1.3, label=module)
+        last = group[-1]
+        curve = sum(g * DICTIONARY[name](x) for g, name in zip(last["mean"], last["names"]))
+        curve_ax.plot(x, curve, color=color, lw=1.3)
+    for k, name in enumerate(names):
+        steps = sorted({r["step"] for r in gates})
+        means = [sum(r["mean"][k] for r in gates if r["step"] == s) / len(modules) for s in steps]
+        mean_ax.plot(steps, means, color=f"C{k % 10}", lw=1.3, label=name)
+    rank_ax.set(title="Gate effective rank", xlabel="step", ylabel="effective rank (1: constant gates)")
+    mean_ax.set(title="Mean gate per function", xlabel="step", ylabel="mean over tokens and layers")
+    curve_ax.set(title="Mean-gated function (last step)", xlabel="x", ylabel="sum_k mean(pi_k) f_k(x)")
+    for ax in (rank_ax, mean_ax, curve_ax):
+        ax.grid(alpha=0.3)
+    add_legend(mean_ax, fontsize="small")
+    fig.suptitle("MoA token gates")
+    return fig
+
+
+def plot_moa_gates(records: list[dict], path: str | os.PathLike) -> None:
+    save_figure(moa_gates_figure(records), path)
 
 
 def blimp_figure(results: dict[str, dict], title: str | None = None) -> Figure:

@@ -12,7 +12,7 @@ from conftest import perturb, tiny_config
 
 
 def test_registry_builds_each_type_from_explicit_arguments():
-    assert FFN_TYPES == ("mlp", "kan", "glu")
+    assert FFN_TYPES == ("mlp", "kan", "glu", "moa", "moa_glu")
     activation = torch.nn.GELU()
     mlp = build_ffn(FFNSettings(hidden_size=8, intermediate_size=32), activation)
     assert isinstance(mlp, MLP) and mlp.activation is activation

@@ -8,8 +8,8 @@ from transformers import initialization as init
 
 from afgpt.activation_set import init_activation_module
 from afgpt.ffn import MLP
-from afgpt.mixtures import (DICTIONARY, DICTIONARY_NAMES, LearnableMixture, MoAFeedForward, dictionary_values,
-                            effective_rank, gate_statistics, mix)
+from afgpt.mixtures import (DICTIONARY, DICTIONARY_NAMES, GateStatistics, LearnableMixture, MoAFeedForward,
+                            dictionary_values, effective_rank, gate_statistics, mix)
 
 GELU = DICTIONARY_NAMES.index("gelu")
 
@@ -168,15 +168,11 @@ def test_gate_statistics_constant_and_random():
     assert random["effective_rank"].item() > 2
 
 
-def test_gates_are_tracked_only_on_request_and_change_in_training():
+def test_gate_statistics_accumulate_over_batches_and_change_in_training():
     torch.manual_seed(0)
     moa = MoAFeedForward(8, 32)
     x = torch.randn(256, 8)
-    moa(x)
-    assert moa.last_gate_stats is None
-    moa.track_gates = True
-    moa(x)
-    before = moa.last_gate_stats
+    before = gate_statistics(moa.gates(x))
     assert before["variance"].max() < 1e-12 and before["effective_rank"].item() == pytest.approx(1.0, abs=1e-3)
     target = torch.sin(3 * x)  # a toy regression
     optimizer = torch.optim.Adam(moa.parameters(), lr=3e-2)
@@ -184,11 +180,14 @@ def test_gates_are_tracked_only_on_request_and_change_in_training():
         optimizer.zero_grad()
         F.mse_loss(moa(x), target).backward()
         optimizer.step()
-    moa(x)
-    after = moa.last_gate_stats
+    gates = moa.gates(x)
+    after = gate_statistics(gates)
     assert after["variance"].max() > 1e-6
     assert not torch.allclose(after["mean"], before["mean"], atol=1e-4)
     assert not after["mean"].requires_grad
+    pieces = GateStatistics().update(gates[:100]).update(gates[100:]).result()  # as the monitor sees batches
+    for name in ("mean", "variance", "effective_rank"):
+        torch.testing.assert_close(pieces[name], after[name], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("shape", [(), (4,), (5, 1)])  # shared, per-channel, per-token (MoA) weights
@@ -242,3 +241,70 @@ def test_la_in_afgpt_starts_as_gelu_trains_and_round_trips_through_a_bank(tmp_pa
     fresh = afgpt.AfGPTForCausalLM(tiny_config(af_type=af_type))
     fresh.load_activations(read_activations(tmp_path / "bank"), freeze=True)
     assert torch.equal(fresh.model.activations.mlp[0].coefficients, la.coefficients.detach())
+
+
+@pytest.mark.parametrize("ffn_type", ["moa", "moa_glu"])
+def test_moa_feed_forward_in_afgpt_starts_as_gelu_and_reloads(tmp_path, ffn_type):
+    import afgpt
+    from afgpt.mixtures import MoAFeedForward
+
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = afgpt.AfGPTForCausalLM(tiny_config(af_type="gelu;att-linear", ffn_type=ffn_type))
+    ffn = model.model.layers[1].mlp
+    assert isinstance(ffn, MoAFeedForward) and ffn.glu == (ffn_type == "moa_glu")
+    assert torch.equal(ffn.gates.weight, torch.zeros_like(ffn.gates.weight))  # the host's Linear init left them alone
+    assert ffn.gates.bias[list(ffn.names).index("gelu")] == 10 and ffn.gates.bias.min() == -10
+    assert torch.equal(ffn.proj.weight, torch.zeros_like(ffn.proj.weight))  # zero_init, as the MLP's proj
+    ids = torch.randint(0, 97, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.save_pretrained(tmp_path / "moa")
+    loaded = afgpt.AfGPTForCausalLM.from_pretrained(tmp_path / "moa")
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_moa_refuses_an_mlp_activation_it_would_not_use():
+    import afgpt
+
+    with pytest.raises(ValueError, match="ffn_type='moa' mixes its own dictionary .* use af_type 'gelu;att-linear'"):
+        afgpt.AfGPTConfig(af_type="spline;att-linear", ffn_type="moa")
+
+
+def test_moa_through_the_gpt_neo_patcher():
+    import afgpt
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    from afgpt.mixtures import MoAFeedForward
+
+    torch.manual_seed(0)
+    model = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
+                                           attention_types=[[["global"], 2]], max_position_embeddings=32))
+    afgpt.patch_model(model, "gelu;att-none", ffn_type="moa")
+    assert any(isinstance(m, MoAFeedForward) for m in model.modules())
+    ids = torch.randint(0, 50, (2, 7))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_a_moa_run_logs_and_plots_its_gate_statistics_and_they_change(tmp_path, shared_data, one_thread):
+    import json
+
+    from afgpt.training import train
+
+    from conftest import tiny_run
+
+    cfg = tiny_run(tmp_path, shared_data, af_type="gelu;att-linear", ffn_type="moa", learning_rate=3e-2)
+    train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    gates = [r for r in records if r["kind"] == "moa_gates"]
+    modules = sorted({r["module"] for r in gates})
+    assert modules == [f"model.layers.{i}.mlp" for i in range(cfg.num_hidden_layers)]
+    steps = sorted({r["step"] for r in gates})
+    assert steps == sorted({r["step"] for r in records if r["kind"] == "val"}) and len(steps) >= 2
+    first, last = ([r for r in gates if r["step"] == s and r["module"] == modules[0]][0] for s in (steps[0], steps[-1]))
+    assert first["names"] == list(DICTIONARY_NAMES) and 1 <= last["effective_rank"] <= len(DICTIONARY_NAMES)
+    assert max(abs(a - b) for a, b in zip(first["mean"], last["mean"])) > 1e-4  # the gates learn
+    assert (tmp_path / "run" / "plots" / "moa_gates.png").read_bytes()[:4] == b"\x89PNG"

@@ -15,8 +15,8 @@ from .loop import (RunState, TrainingDiverged, build_replica_set, final_metrics,
                    load_bank, log_training, save_final, train, train_records, train_step, validate)
 from .objectives import (FusedCausalLM, ForwardCausalLM, MaskedBatches, MaskedLM, Objective, accuracy_kind,
                          build_objective)
-from .monitors import (ActivationMagnitudes, KANGridCoverage, Throughput, cpu_has_native_bf16, evaluate, save_plots,
-                       warn_if_bf16_is_emulated)
+from .monitors import (ActivationMagnitudes, KANGridCoverage, MoAGates, Throughput, cpu_has_native_bf16, evaluate,
+                       save_plots, warn_if_bf16_is_emulated)
 from .optimizers import (activation_optimizer, decay_parameter_names, set_learning_rate, split_parameters,
                          weight_groups, weight_optimizer)
 from .rundata import (GPT2_SEPARATOR, GPT2_VOCAB, RunData, check_recorded_tokenizer, load_data, load_shards,
@@ -34,7 +34,8 @@ __all__ = [
     "build_replica_set", "final_metrics", "finished_run", "forward_backward", "load_bank", "log_training",
     "save_final", "train", "train_records", "train_step", "validate", "FusedCausalLM", "ForwardCausalLM",
     "MaskedBatches", "MaskedLM", "Objective", "accuracy_kind", "build_objective", "ActivationMagnitudes",
-    "KANGridCoverage", "Throughput", "cpu_has_native_bf16", "evaluate", "save_plots", "warn_if_bf16_is_emulated",
+    "KANGridCoverage", "MoAGates",
+    "Throughput", "cpu_has_native_bf16", "evaluate", "save_plots", "warn_if_bf16_is_emulated",
     "activation_optimizer", "decay_parameter_names", "set_learning_rate", "split_parameters", "weight_groups",
     "weight_optimizer", "GPT2_SEPARATOR", "GPT2_VOCAB", "RunData", "check_recorded_tokenizer", "load_data",
     "load_shards", "padded_vocab", "shard_record", "MetricsWriter", "prepare_run_directory", "resumed_config",

@@ -28,7 +28,7 @@ from ..ensemble import Replica, average_shared_gradients, build_replicas, schedu
 from ..hub import load_activations
 from .config import TrainConfig, check_inputs_exist
 from .families import build_model, check_family_inputs, describe_model, kan_parameters
-from .monitors import (ActivationMagnitudes, KANGridCoverage, Throughput, evaluate, save_plots,
+from .monitors import (ActivationMagnitudes, KANGridCoverage, MoAGates, Throughput, evaluate, save_plots,
                        warn_if_bf16_is_emulated)
 from .objectives import ForwardCausalLM, Objective, accuracy_kind, build_objective
 from .optimizers import activation_optimizer, set_learning_rate, weight_optimizer
@@ -330,7 +330,7 @@ def validate(model, val_tokens, cfg: TrainConfig, metrics: MetricsWriter, step: 
              objective: Objective | None = None) -> tuple[float, float]:
     """Validation loss/accuracy on fixed batches (fixed masks for RoBERTa), plus the activation magnitudes seen."""
     objective = objective or ForwardCausalLM()
-    monitor, coverage = ActivationMagnitudes(model), KANGridCoverage(model)
+    monitor, coverage, gates = ActivationMagnitudes(model), KANGridCoverage(model), MoAGates(model)
     try:
         batches = objective.val_batches(data_lib.val_batches(val_tokens, cfg.per_device_train_batch_size,
                                                              cfg.seq_length))
@@ -338,10 +338,11 @@ def validate(model, val_tokens, cfg: TrainConfig, metrics: MetricsWriter, step: 
     finally:
         monitor.close()
         coverage.close()
+        gates.close()
     record = {"kind": "val", "step": step, "loss": loss, "accuracy": accuracy,
               "accuracy_kind": accuracy_kind(cfg.model)}
     metrics.write(record if cfg.n_models == 1 else {**record, "replica": 0}, *monitor.records(step),
-                  *coverage.records(step))
+                  *coverage.records(step), *gates.records(step))
     coverage.report(step)
     logger.info(f"Step {step}/{cfg.max_steps}   lossVa {loss:.4f}   accVa {100 * accuracy:.1f}")
     return loss, accuracy

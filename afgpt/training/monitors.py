@@ -9,7 +9,9 @@ import torch
 
 from ..activation_set import SlotActivation, find_activation_set
 from ..kan import KANLinear
-from ..plotting import plot_activation_magnitudes, plot_activations, save_figure, training_curves_figure
+from ..mixtures import GateStatistics, MoAFeedForward
+from ..plotting import (plot_activation_magnitudes, plot_activations, plot_moa_gates, save_figure,
+                        training_curves_figure)
 from .config import TrainConfig
 from .objectives import ForwardCausalLM, Objective, accuracy_kind
 
@@ -93,6 +95,36 @@ class KANGridCoverage:
             logger.info(text)
 
 
+class MoAGates:
+    """Statistics of every MoA feed-forward's token gates over the forwards it watches (validation), named by
+    module: per-function mean and variance over tokens and the gate matrix's effective rank, so a collapse to
+    constant gates (MoA turned LA) shows in metrics.jsonl ("moa_gates") and plots/moa_gates.png."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.stats: dict[str, tuple[tuple[str, ...], GateStatistics]] = {}
+        self.handles = [module.gates.register_forward_hook(self.hook_for(name, module.names))
+                        for name, module in model.named_modules() if isinstance(module, MoAFeedForward)]
+
+    def hook_for(self, name: str, names: tuple[str, ...]):
+        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor], gates: torch.Tensor) -> None:
+            self.stats.setdefault(name, (names, GateStatistics()))[1].update(gates)
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def records(self, step: int) -> list[dict]:
+        records = []
+        for name, (names, stats) in self.stats.items():
+            result = stats.result()
+            records.append({"kind": "moa_gates", "step": step, "module": name, "names": list(names),
+                            "mean": result["mean"].tolist(), "variance": result["variance"].tolist(),
+                            "effective_rank": result["effective_rank"].item()})
+        return records
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches, max_batches: int,
              objective: Objective | None = None) -> tuple[float, float]:
@@ -149,6 +181,9 @@ def save_plots(model: torch.nn.Module, history: list, plots: Path, cfg: TrainCon
     plot_training_curves([r for r in history if r["kind"] in ("train", "val")], plots / "training_curves.png",
                          title=title, accuracy=accuracy_kind(cfg.model))
     plot_activations(model, plots / "activations.png", title=title)
+    gates = [r for r in history if r["kind"] == "moa_gates"]
+    if gates:
+        plot_moa_gates(gates, plots / "moa_gates.png")
     magnitudes = [r for r in history if r["kind"] == "act"]
     if magnitudes and cfg.plotting_level >= 2:
         plot_activation_magnitudes(magnitudes, plots / "activation_magnitudes.png",  # a stage II bank's grid,
