@@ -16,7 +16,7 @@ from pathlib import Path
 from . import data as data_lib
 from .atomic import write_text_atomically
 from .bank import plot_activation_file
-from .compare import build_compare_parser
+from .compare import build_compare_parser, comma_list
 from .hub import HubError, push_run
 from .training import RESUMABLE_FIELDS, TrainConfig, train
 
@@ -111,10 +111,6 @@ def run_eval_blimp(args: argparse.Namespace) -> None:
     if plot:
         plot_blimp(results, plot)
         print(f"wrote {plot}")
-
-
-def comma_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def superglue_output_dir(model: str) -> Path:
