@@ -207,6 +207,14 @@ class ActivationBank(nn.Module):
                     module.requires_grad_(False)
         return model
 
+    def width_fix(self, row: str, width: int) -> str:
+        """The setting that gives a model the bank's width in `row`: the MLP row of a GLU bank sees the GLU's gate
+        width, which the bank's ffn_type and intermediate_size give, not intermediate_size=width."""
+        if row == "mlp" and self.settings.ffn_type != "mlp":
+            return (f"ffn_type={self.settings.ffn_type!r} and intermediate_size={self.settings.intermediate_size} "
+                    "(the bank's)")
+        return f"{ROW_WIDTH[row]}={width}"
+
     def mismatches(self, model: nn.Module) -> list[str]:
         """Every way the bank does not fit `model`, each with its fix. Kinds must agree wherever either
         side learns; a row neither side learns carries no tensors, so its fixed functions may differ."""
@@ -226,7 +234,7 @@ class ActivationBank(nn.Module):
             width, model_width = getattr(module, "channels", None), getattr(model_module, "channels", None)
             if width != model_width:
                 problems.append(f"{ROWS[row]} activation {getattr(ours, row)!r} has {width} channels in the bank but "
-                                f"{model_width} in the model; build the model with {ROW_WIDTH[row]}={width}")
+                                f"{model_width} in the model; build the model with {self.width_fix(row, width)}")
         grids = [module.grid for module, _ in modules.values() if isinstance(module, Spline)]
         if grids and not grids_match(grids[0], config):
             problems.append(

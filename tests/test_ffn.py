@@ -198,7 +198,8 @@ def test_per_channel_activations_get_the_glu_width(name, tmp_path):
     fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(fresh(x).logits, model(x).logits, rtol=0, atol=0)
     mlp_model = afgpt.AfGPTForCausalLM(tiny_config(af_type=f"{name};att-none", num_hidden_layers=2))
-    assert f"has {width} channels in the bank but {4 * 32} in the model" in "\n".join(read.mismatches(mlp_model))
+    assert (f"has {width} channels in the bank but {4 * 32} in the model; build the model with ffn_type='glu' and "
+            f"intermediate_size={4 * 32} (the bank's)") in "\n".join(read.mismatches(mlp_model))
 
 
 @pytest.mark.parametrize("family", ["gpt_neo", "roberta"])
