@@ -60,6 +60,7 @@ from ..atomic import write_text_atomically
 from ..patching import activation_module_names
 from ..paths import looks_like_path
 from .runs import append_to_run
+from .scoring import position_limit
 from .superglue import Example, TaskSpec, compute_metrics, get_task, load_task, split_boolq
 
 __all__ = ["FinetuneSettings", "PRESETS", "SUPERGLUE_TASKS", "MultipleChoiceModel", "finetune_task",
@@ -138,14 +139,6 @@ def _num_outputs(spec: TaskSpec) -> int:
     return 1 if spec.multiple_choice or spec.label_names is None else spec.num_labels
 
 
-def _position_limit(config) -> int | None:
-    limit = next((value for name in ("n_positions", "max_position_embeddings")
-                  if isinstance(value := getattr(config, name, None), int)), None)
-    if limit is not None and "roberta" in config.model_type:  # RoBERTa positions start after the padding index
-        limit -= (config.pad_token_id or 0) + 1
-    return limit
-
-
 def load_tokenizer(model_path: str):
     """The folder's tokenizer, with a pad token (eos when it has none: causal tokenizers often lack one)."""
     try:
@@ -175,7 +168,7 @@ def load_classifier(model_path: str, spec: TaskSpec, tokenizer, settings: Finetu
                          "fine-tuning needs: use an AfGPT run, a (patched) GPT-Neo or RoBERTa folder, or another "
                          "model type that AutoModelForSequenceClassification supports") from exc
     model.config.use_cache = False  # no generation: outputs are just loss and logits
-    limit = _position_limit(model.config)
+    limit = position_limit(model)
     if limit is not None and settings.max_length > limit:
         raise ValueError(f"max_length={settings.max_length} exceeds the {limit} positions of {model_path}: "
                          f"override max_length with at most {limit}")

@@ -24,7 +24,7 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-from .scoring import _max_length
+from .scoring import position_limit
 
 __all__ = ["PLL_METHODS", "mask_positions", "masked_logprobs"]
 
@@ -44,15 +44,6 @@ def mask_positions(input_ids: Sequence[int], word_ids: Sequence[int | None] | No
     last = targets[-1]
     return [(i, [i] if word_ids[i] is None else [i] + [j for j in range(i + 1, last + 1) if word_ids[j] == word_ids[i]])
             for i in targets]
-
-
-def _position_limit(model) -> int | None:
-    """Tokens the model can take: RoBERTa-style embeddings number positions from padding_idx + 1, so fewer."""
-    limit = _max_length(model)
-    offset = getattr(getattr(model.base_model, "embeddings", None), "padding_idx", None)
-    if limit is not None and isinstance(offset, int):
-        return limit - offset - 1
-    return limit
 
 
 def _mlm_head(model):
@@ -80,7 +71,7 @@ def _encode(model, tokenizer, texts: list[str], pll: str) -> list[tuple[list[int
     more tokens than the model has positions."""
     encoded = tokenizer(texts)
     skip = {t for t in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id) if t is not None}
-    limit = _position_limit(model)
+    limit = position_limit(model)
     sentences = []
     for k, text in enumerate(texts):
         ids = list(encoded["input_ids"][k])

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["causal_logprobs", "encode_continuations", "prefix_token_id"]
+__all__ = ["causal_logprobs", "encode_continuations", "position_limit", "prefix_token_id"]
 
 # fp32 logits per LM-head call: bounds the memory whatever the vocabulary and batch, and stays under glibc's
 # 32 MiB mmap ceiling, so the buffer is reused from the heap instead of being mapped and page-faulted in anew
@@ -40,13 +40,16 @@ def encode_continuations(tokenizer, texts: Sequence[str], delimiter: str = " ") 
     return [list(ids) for ids in encoded]
 
 
-def _max_length(model) -> int | None:
+def position_limit(model) -> int | None:
+    """Tokens the model can take (None if its config does not say). RoBERTa-style embeddings number positions from
+    padding_idx + 1, so they take padding_idx + 1 fewer than max_position_embeddings."""
     config = getattr(model, "config", None)
-    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    limit = next((value for name in ("n_positions", "max_position_embeddings", "n_ctx")
+                  if isinstance(value := getattr(config, name, None), int) and value > 0), None)
+    offset = getattr(getattr(getattr(model, "base_model", None), "embeddings", None), "padding_idx", None)
+    if limit is not None and isinstance(offset, int):
+        return limit - offset - 1
+    return limit
 
 
 def _uses_head_directly(model) -> bool:
@@ -184,7 +187,7 @@ def causal_logprobs(model, tokenizer, texts: Sequence[str], batch_size: int = 64
     texts = list(texts)
     continuations = encode_continuations(tokenizer, texts, delimiter)
     prefix = prefix_token_id(tokenizer)
-    limit = _max_length(model)
+    limit = position_limit(model)
     for text, cont in zip(texts, continuations):
         if limit is not None and len(cont) > limit:  # lm-eval would cut the context; nothing is left to cut
             raise ValueError(f"{text[:60]!r}... has {len(cont)} tokens, more than the model's {limit} positions")
