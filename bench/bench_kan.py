@@ -15,7 +15,6 @@ storages, parameters and input excluded), the part of the peak that grows with t
     python bench/bench_kan.py [--rounds 7] [--device cpu|cuda] [--widths params,mlp] [--hidden 128 256]
 """
 import argparse
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from afgpt.kan import KANFeedForward, KANLinear, kan_hidden_size
+from bench_activations import busy_cpu_seconds  # bench/ is the script's folder, so on sys.path
 
 TOKENS = 16 * 128
 
@@ -68,17 +68,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x)))
-
-
-def busy_cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds used by all processes, by this one) so far; all is 0 off Linux."""
-    own = sum(os.times()[:2])
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-    except OSError:
-        return 0.0, own
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), own
 
 
 def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int,
