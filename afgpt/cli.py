@@ -17,6 +17,7 @@ from . import data as data_lib
 from .atomic import write_text_atomically
 from .bank import plot_activation_file
 from .compare import build_compare_parser, comma_list
+from .evaluation.pll import PLL_METHODS
 from .hub import HubError, push_run
 from .training import RESUMABLE_FIELDS, TrainConfig, train
 
@@ -134,7 +135,7 @@ def run_eval_superglue(args: argparse.Namespace) -> None:
 
 
 def add_superglue_arguments(parser: argparse.ArgumentParser) -> None:
-    from .evaluation.finetune import SUPERGLUE_TASKS, FinetuneSettings
+    from .evaluation.finetune import PRESETS, SUPERGLUE_TASKS, FinetuneSettings
 
     parser.add_argument("model", help="model folder (an `afgpt train` run, whose metrics.jsonl gets the results; a "
                                       "patched or plain GPT-Neo/RoBERTa) or Hub id, with its tokenizer")
@@ -143,7 +144,7 @@ def add_superglue_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default=",".join(SUPERGLUE_TASKS),
                         help="comma-separated: boolq,cb,copa,multirc,rte,wic,wsc and GLUE's cola,sst2,mrpc,"
                              "glue-rte,stsb,wnli")
-    parser.add_argument("--preset", choices=("quick", "full"), default="full",
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="full",
                         help="full: the BabyLM pipeline's settings; quick: capped data and 2 epochs, a smoke test "
                              "whose numbers are not comparable to full runs")
     parser.add_argument("--seeds", default="12", help="comma-separated training seeds; several give mean and std")
@@ -214,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     blimp.add_argument("--paradigms", default=None, help="comma-separated paradigms (default: all)")
     blimp.add_argument("--limit", type=int, default=None, help="first N pairs per paradigm (default: all)")
     blimp.add_argument("--batch-size", type=int, default=64, help="sentences (masked LMs: masked copies) per forward")
-    blimp.add_argument("--pll", choices=("original", "within_word_l2r"), default="original",
+    blimp.add_argument("--pll", choices=PLL_METHODS, default="original",
                        help="masked LMs: pseudo-log-likelihood of Salazar et al. 2020 (original) or Kauf & Ivanova "
                             "2023 (within_word_l2r: also masks the later sub-tokens of the word)")
     blimp.add_argument("--output", default=None, help="JSON file for the results, with a bar plot next to it "
