@@ -89,6 +89,8 @@ class TrainConfig:
     num_hidden_layers: int = option(4, "number of transformer layers (unless --size)")
     num_attention_heads: int = option(4, "attention heads (unless --size); they must divide --hidden-size (afgpt: "
                                          "into an even head size)")
+    intermediate_size: int | None = option(None, "MLP width (default: 4 x hidden size); glu and kan derive their "
+                                                 "widths from it so their parameters match an MLP of this width")
     af_type: str = option("gelu;att-linear",
                           "activation spec '<mlp>;att-<att>', e.g. 'gelu;att-linear' (baseline) or "
                           "'spline;att-spline'; names: " + " ".join(ACTIVATION_NAMES) + ", and att-none")
@@ -230,7 +232,7 @@ class TrainConfig:
             af_type=self.af_type, af_layer_specific=self.af_layer_specific,
             af_range=self.af_range if af_range is None else af_range,
             af_n_anchors=self.af_n_anchors if af_n_anchors is None else af_n_anchors, af_init=self.af_init,
-            ffn_type=self.ffn_type, kan_grid_size=self.kan_grid_size, kan_spline_order=self.kan_spline_order,
+            intermediate_size=self.intermediate_size, ffn_type=self.ffn_type, kan_grid_size=self.kan_grid_size, kan_spline_order=self.kan_spline_order,
             kan_grid_range=self.kan_grid_range, kan_width=self.kan_width, context_size=self.context_size, **kwargs)
 
     def lr_factor(self, step: int) -> float:
@@ -248,7 +250,9 @@ class TrainConfig:
 
 def check_family_settings(cfg: TrainConfig) -> None:
     """The model fields of a GPT-Neo or RoBERTa run (AfGPTConfig checks AfGPT's), each failing with its fix."""
-    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+    shape = ("hidden_size", "num_hidden_layers", "num_attention_heads") + (("intermediate_size",) if
+                                                                          cfg.intermediate_size is not None else ())
+    for name in shape:
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} is invalid: it must be a positive integer")
@@ -260,7 +264,7 @@ def check_family_settings(cfg: TrainConfig) -> None:
     ActivationSettings(af_type=cfg.af_type, af_layer_specific=cfg.af_layer_specific, af_range=cfg.af_range,
                        af_n_anchors=cfg.af_n_anchors, af_init=cfg.af_init, num_hidden_layers=cfg.num_hidden_layers,
                        hidden_size=cfg.hidden_size)  # checks the activation fields
-    FFNSettings(ffn_type=cfg.ffn_type, hidden_size=cfg.hidden_size, intermediate_size=4 * cfg.hidden_size,
+    FFNSettings(ffn_type=cfg.ffn_type, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                 kan_grid_size=cfg.kan_grid_size, kan_spline_order=cfg.kan_spline_order,
                 kan_grid_range=cfg.kan_grid_range, kan_width=cfg.kan_width)  # checks the feed-forward fields
     check_ffn_activation(cfg.ffn_type, parse_af_spec(cfg.af_type))

@@ -58,17 +58,31 @@ def build_model(cfg: TrainConfig, run_data: RunData, bank: ActivationBank | None
     """
     if cfg.model_name_or_path:
         return load_model(cfg, run_data)
-    grid = bank.settings if bank is not None else cfg
+    return fresh_model(cfg, run_data.vocab_size, run_data.tokenizer, run_data.doc_separator,
+                       bank.settings if bank is not None else cfg)
+
+
+def fresh_model(cfg: TrainConfig, vocab_size: int, tokenizer: PreTrainedTokenizerBase | None = None,
+                doc_separator: int | None = None, grid=None) -> torch.nn.Module:
+    """A new model of cfg's family and shape; `grid` (default: cfg) gives the spline grid."""
+    grid = grid or cfg
     if cfg.model == "afgpt":
-        tokenizer = run_data.tokenizer
         config = cfg.model_config(
-            run_data.vocab_size, af_range=grid.af_range, af_n_anchors=grid.af_n_anchors,
-            doc_separator_token_id=run_data.doc_separator, eos_token_id=tokenizer.eos_token_id if tokenizer else None,
+            vocab_size, af_range=grid.af_range, af_n_anchors=grid.af_n_anchors, doc_separator_token_id=doc_separator,
+            eos_token_id=tokenizer.eos_token_id if tokenizer else None,
             bos_token_id=tokenizer.bos_token_id if tokenizer else None)
         return AfGPTForCausalLM(config)
-    config = family_config(cfg, run_data.vocab_size, run_data.tokenizer)
-    model = (GPTNeoForCausalLM if cfg.model == "gpt-neo" else RobertaForMaskedLM)(config)
+    model = (GPTNeoForCausalLM if cfg.model == "gpt-neo" else RobertaForMaskedLM)(
+        family_config(cfg, vocab_size, tokenizer))
     return patch_for_run(model, cfg, grid)
+
+
+def non_embedding_parameters(cfg: TrainConfig) -> int:
+    """The non-embedding parameter count of cfg's model (the vocabulary does not change it), built on the meta
+    device: no memory, no initialisation, milliseconds."""
+    with torch.device("meta"):
+        total, embedding = parameter_counts(fresh_model(cfg, vocab_size=64))
+    return total - embedding
 
 
 def patch_for_run(model: torch.nn.Module, cfg: TrainConfig, grid) -> torch.nn.Module:
@@ -83,10 +97,11 @@ def patch_for_run(model: torch.nn.Module, cfg: TrainConfig, grid) -> torch.nn.Mo
 def family_config(cfg: TrainConfig, vocab_size: int, tokenizer: PreTrainedTokenizerBase | None) -> PretrainedConfig:
     """The vanilla GPTNeoConfig / RobertaConfig of a run (before patching): its shape, vocabulary and special ids."""
     h, layers, heads = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads
+    width = cfg.intermediate_size or 4 * h
     special = {name: getattr(tokenizer, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if cfg.model == "gpt-neo":
         config = GPTNeoConfig(
-            vocab_size=vocab_size, hidden_size=h, num_layers=layers, num_heads=heads, intermediate_size=4 * h,
+            vocab_size=vocab_size, hidden_size=h, num_layers=layers, num_heads=heads, intermediate_size=width,
             attention_types=[[["global"], layers]], max_position_embeddings=cfg.seq_length, resid_dropout=0.0,
             embed_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=True,
             bos_token_id=special["bos_token_id"], eos_token_id=special["eos_token_id"])
@@ -94,7 +109,7 @@ def family_config(cfg: TrainConfig, vocab_size: int, tokenizer: PreTrainedTokeni
         return config
     config = RobertaConfig(
         vocab_size=vocab_size, hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=4 * h, max_position_embeddings=cfg.seq_length + 2,  # positions start after the pad id
+        intermediate_size=width, max_position_embeddings=cfg.seq_length + 2,  # positions start after the pad id
         type_vocab_size=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, layer_norm_eps=1e-5,
         tie_word_embeddings=True, **special)
     config._attn_implementation = "sdpa"

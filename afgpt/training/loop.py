@@ -27,7 +27,7 @@ from ..bank import ActivationBank
 from ..ensemble import Replica, average_shared_gradients, build_replicas, schedule_offsets, start_steps
 from ..hub import load_activations
 from .config import TrainConfig, check_inputs_exist
-from .families import build_model, check_family_inputs, describe_model, kan_parameters
+from .families import build_model, check_family_inputs, describe_model, kan_parameters, parameter_counts
 from .monitors import (ActivationMagnitudes, KANGridCoverage, MoAGates, Throughput, evaluate, save_plots,
                        warn_if_bf16_is_emulated)
 from .objectives import ForwardCausalLM, Objective, accuracy_kind, build_objective
@@ -172,6 +172,10 @@ def run(cfg: TrainConfig, resume: bool, accelerator: Accelerator, out: Path,
     metrics = MetricsWriter(out / "metrics.jsonl", state.history, is_main)
     if resume:
         metrics.rewrite()
+    else:
+        total, embedding = parameter_counts(model)
+        metrics.write({"kind": "model", "params_total": total, "params_embedding": embedding,
+                       "params_non_embedding": total - embedding})
 
     provenance = {"run": cfg.run_name or str(out), "model": cfg.model, "af_type": cfg.af_type, "sharing": cfg.af_layer_specific,
                   "n_models": cfg.n_models, "staggered_starts": cfg.staggered_starts, "data": cfg.data,
