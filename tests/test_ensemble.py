@@ -1,16 +1,21 @@
 """Stage I: replicas sharing one set of activations, staggered starts, per-replica logs."""
 import copy
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
 
 import afgpt
 from afgpt import training
-from afgpt.ensemble import Replica, build_replicas, schedule_offsets, start_steps
+from afgpt.ensemble import Replica, ReplicaPlacement, build_replicas, schedule_offsets, start_steps
 from afgpt.training import TrainConfig, loop, train
 from conftest import tiny_config, tiny_run
 
@@ -120,10 +125,91 @@ def test_common_schedule_mode_gives_late_replicas_the_global_learning_rate(tmp_p
     assert lr[(1, 6)] == pytest.approx(cfg.learning_rate * 3 / 4)  # (8 - 5) / 4 at 0-based step 5
 
 
-def test_stage_one_refuses_multiple_processes():
-    with pytest.raises(ValueError, match="one process"):
-        fake = type("A", (), {"num_processes": 2})()
-        training.build_replica_set(TrainConfig(n_models=2), None, fake)
+STAGE_ONE_SCRIPT = """
+import sys
+import afgpt
+from afgpt.training import TrainConfig, loop, train
+cfg, crash_at, resume = TrainConfig.load(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "resume"
+real_step = loop.train_step
+def crashing_step(replicas, af_optimizer, step, accelerator, *args, **kwargs):
+    if step == crash_at:
+        raise KeyboardInterrupt("killed")
+    trained = sorted(r.index for r in replicas if r.owned and r.is_active(step))
+    with open(cfg.output_dir + f"/trained-by-rank-{accelerator.process_index}.txt", "a") as log:
+        log.write(f"{step} {trained}\\n")
+    return real_step(replicas, af_optimizer, step, accelerator, *args, **kwargs)
+loop.train_step = crashing_step
+try:
+    train(cfg, resume=resume)
+except KeyboardInterrupt:
+    pass
+"""
+
+
+def launch_two_processes(tmp_path, cfg: TrainConfig, crash_at: int = -1, resume: bool = False) -> None:
+    """cfg trained by `accelerate launch` on 2 CPU processes (gloo), optionally killed before step crash_at."""
+    script, config = tmp_path / "stage_one.py", tmp_path / "config.json"
+    script.write_text(STAGE_ONE_SCRIPT)
+    cfg.save(config)
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(config),
+           str(crash_at), "resume" if resume else "new"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_stage_one_on_two_processes_matches_one_process_and_resumes(tmp_path, shared_data, one_thread):
+    """3 replicas (uneven over 2 ranks), staggered starts with own schedules (rank 1's replica starts late),
+    clipping, checkpoints, a kill and a resume: the same losses and activations as one process."""
+    settings = dict(af_type="spline;att-spline", n_models=3, staggered_starts=2, max_steps=8, warmup_steps=1,
+                    cooldown_steps=3, logging_steps=1, eval_steps=4, save_steps=2, max_grad_norm=0.5)
+    one = tiny_run(tmp_path / "one", shared_data, **settings)
+    train(one)
+    two = tiny_run(tmp_path / "two", shared_data, **settings)
+    launch_two_processes(tmp_path, two, crash_at=5)
+    assert (tmp_path / "two" / "run" / "checkpoint").is_dir() and not (tmp_path / "two" / "run" / "model.safetensors").exists()
+    launch_two_processes(tmp_path, two, resume=True)
+
+    def losses(run_dir, kind):
+        return {(r.get("replica", 0), r["step"]): (r["loss"], r["accuracy"])
+                for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind}
+
+    for kind in ("train", "val"):
+        expected, got = losses(Path(one.output_dir), kind), losses(Path(two.output_dir), kind)
+        assert got.keys() == expected.keys() and {m for m, _ in got} == ({0, 1, 2} if kind == "train" else {0})
+        for key, (loss, accuracy) in expected.items():
+            assert got[key][0] == pytest.approx(loss, rel=1e-5) and got[key][1] == pytest.approx(accuracy, abs=1e-6)
+    banks = [load_file(Path(cfg.output_dir) / "activations" / "activations.safetensors") for cfg in (one, two)]
+    assert banks[0].keys() == banks[1].keys()
+    for name in banks[0]:
+        torch.testing.assert_close(banks[1][name], banks[0][name], rtol=1e-5, atol=1e-6)
+    trained = [(Path(two.output_dir) / f"trained-by-rank-{rank}.txt").read_text().splitlines() for rank in (0, 1)]
+    starts = start_steps(3, 8, 2)  # 0, 3, 5
+    steps = [0, 1, 2, 3, 4, 4, 5, 6, 7]  # killed at step 5, resumed from the checkpoint of step 4
+    for rank, owned in ((0, (0, 2)), (1, (1,))):  # replica m on rank m % 2
+        assert trained[rank] == [f"{step} {[m for m in owned if step >= starts[m]]}" for step in steps]
+    log = (Path(two.output_dir) / "train.log").read_text()
+    assert "spread over 2 processes" in log and "resumed from" in log
+
+
+def test_clipping_scales_all_replicas_and_the_shared_gradients_by_one_norm():
+    torch.manual_seed(0)
+    shared = torch.nn.Parameter(torch.randn(5))
+    models = [torch.nn.Linear(3, 2) for _ in range(2)]
+    for model in models:
+        model.shared = shared  # registered in both, like an activation set
+    for p in [shared, *(p for m in models for p in m.parameters() if p is not shared)]:
+        p.grad = torch.randn_like(p) * 3
+    union = {id(p): p for m in models for p in m.parameters()}
+    expected = [p.grad.clone() for p in union.values()]
+    total = torch.linalg.vector_norm(torch.cat([g.flatten() for g in expected]))
+    replicas = [Replica(m, model, None, iter(())) for m, model in enumerate(models)]
+    loop.clip_gradients(replicas, [shared], 1.0, ReplicaPlacement())
+    for p, before in zip(union.values(), expected):
+        torch.testing.assert_close(p.grad, before * (1.0 / (total + 1e-6)))
+    assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in union.values()])) == pytest.approx(1.0,
+                                                                                                        rel=1e-5)
 
 
 def stage_two_replicas(tmp_path, af_lr: float):

@@ -320,13 +320,13 @@ def test_two_processes_under_accelerate_launch(tmp_path, shared_data):
 
 def test_bf16_accumulation_and_clipping_run(tmp_path, shared_data, monkeypatch):
     seen = {}
-    real_clip = Accelerator.clip_grad_norm_
+    real_clip = loop.clip_gradients
 
-    def clip(self, parameters, max_norm, *args, **kwargs):
+    def clip(replicas, shared, max_norm, placement):
         seen["max_norm"] = max_norm
-        return real_clip(self, parameters, max_norm, *args, **kwargs)
+        return real_clip(replicas, shared, max_norm, placement)
 
-    monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip)
+    monkeypatch.setattr(loop, "clip_gradients", clip)
     cfg = tiny_run(tmp_path, shared_data, af_type="spline;att-spline", mixed_precision="bf16",
                    gradient_accumulation_steps=2, max_grad_norm=1.0, max_steps=6, warmup_steps=1,
                    cooldown_steps=2, eval_steps=6, logging_steps=3)

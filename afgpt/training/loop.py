@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .. import data as data_lib
 from ..activation_set import find_activation_set
 from ..bank import ActivationBank
-from ..ensemble import Replica, average_shared_gradients, build_replicas, schedule_offsets, start_steps
+from ..ensemble import Replica, ReplicaPlacement, build_replicas, schedule_offsets, start_steps
 from ..hub import load_activations
 from .config import TrainConfig, check_inputs_exist
 from .families import build_model, check_family_inputs, describe_model, kan_parameters, parameter_counts
@@ -68,6 +68,13 @@ def load_bank(cfg: TrainConfig) -> ActivationBank | None:
     return bank
 
 
+def placement_of(accelerator: Accelerator, n_models: int) -> ReplicaPlacement:
+    """Stage I replicas spread over the processes; one model per process is data parallel (DDP) instead."""
+    if n_models > 1:
+        return ReplicaPlacement(accelerator.process_index, accelerator.num_processes)
+    return ReplicaPlacement()
+
+
 def build_replica_set(cfg: TrainConfig, run_data: RunData, accelerator: Accelerator,
                       model_factory: Callable[[int], torch.nn.Module] | None = None,
                       objective: Objective | None = None) -> tuple[list[Replica], torch.optim.Optimizer | None]:
@@ -75,11 +82,10 @@ def build_replica_set(cfg: TrainConfig, run_data: RunData, accelerator: Accelera
 
     Replica m draws its weights under seed + m and reads data stream m (as the objective serves it: masked for
     RoBERTa); with one model this is plain training. `model_factory(m)` makes replica m's model (default: the
-    model of cfg.model's family that `cfg` describes, build_model). Everything is passed through `accelerator.prepare`.
+    model of cfg.model's family that `cfg` describes, build_model). Everything is passed through `accelerator.prepare`:
+    one model is wrapped for data parallelism across processes; stage I replicas never are (every process holds all
+    of them and trains its share, see ReplicaPlacement), and every process reads each replica's whole data stream.
     """
-    if cfg.n_models > 1 and accelerator.num_processes > 1:
-        raise ValueError(f"n_models={cfg.n_models}: stage I replicas train in one process; launch without "
-                         "multiple processes (or train one model per process with n_models=1)")
     bank = load_bank(cfg)
 
     def make_model(m: int) -> torch.nn.Module:
@@ -91,19 +97,21 @@ def build_replica_set(cfg: TrainConfig, run_data: RunData, accelerator: Accelera
         bank.load_into(models[0], freeze=cfg.af_lr == 0)  # replica 0's activations are everyone's
     af_optimizer = activation_optimizer(find_activation_set(models[0]), cfg)
     optimizers = [weight_optimizer(model, cfg) for model in models]
-    prepared = accelerator.prepare(*models, *optimizers, *([af_optimizer] if af_optimizer else []))
-    models, optimizers = prepared[:cfg.n_models], prepared[cfg.n_models:2 * cfg.n_models]
-    af_optimizer = prepared[-1] if af_optimizer else None
+    placement = placement_of(accelerator, cfg.n_models)
+    # stage I replicas are placed on the device but never wrapped in DistributedDataParallel
+    models = [accelerator.prepare_model(model, evaluation_mode=cfg.n_models > 1) for model in models]
+    optimizers = [accelerator.prepare_optimizer(optimizer) for optimizer in optimizers]
+    af_optimizer = accelerator.prepare_optimizer(af_optimizer) if af_optimizer else None
 
     objective = objective or ForwardCausalLM()
+    shards = {} if cfg.n_models > 1 else {"rank": accelerator.process_index, "world_size": accelerator.num_processes}
     streams = [objective.train_batches(data_lib.TokenBatches(
-                   run_data.train, cfg.per_device_train_batch_size, cfg.seq_length, seed=cfg.seed, stream=m,
-                   rank=accelerator.process_index, world_size=accelerator.num_processes))
+                   run_data.train, cfg.per_device_train_batch_size, cfg.seq_length, seed=cfg.seed, stream=m, **shards))
                for m in range(1 if cfg.same_data_across_models else cfg.n_models)]
     starts = start_steps(cfg.n_models, cfg.max_steps, cfg.staggered_starts)
     offsets = schedule_offsets(starts, cfg.staggered_starts)
-    replicas = [Replica(m, models[m], optimizers[m], streams[m % len(streams)], starts[m], offsets[m])
-                for m in range(cfg.n_models)]
+    replicas = [Replica(m, models[m], optimizers[m], streams[m % len(streams)], starts[m], offsets[m],
+                        owned=placement.owns(m)) for m in range(cfg.n_models)]
     return replicas, af_optimizer
 
 
@@ -159,9 +167,12 @@ def run(cfg: TrainConfig, resume: bool, accelerator: Accelerator, out: Path,
     if objective.name == "masked":
         logger.info(f"objective: masked LM, {objective.collator.mlm_probability:.0%} of the tokens scored "
                     "(80% <mask>, 10% random, 10% kept); accuracy is masked-token accuracy")
+    placement = placement_of(accelerator, cfg.n_models)
     if cfg.n_models > 1:
+        spread = (f", spread over {placement.world_size} processes (replica m on rank m % {placement.world_size})"
+                  if placement.distributed else "")
         logger.info(f"stage I: {cfg.n_models} replicas sharing their activations, start steps "
-                    f"{[r.start for r in replicas]}, staggered_starts {cfg.staggered_starts}")
+                    f"{[r.start for r in replicas]}, staggered_starts {cfg.staggered_starts}{spread}")
     if resume:
         accelerator.load_state(str(out / "checkpoint"))
         logger.info(f"resumed from {out / 'checkpoint'} at step {state.step}")
@@ -180,8 +191,9 @@ def run(cfg: TrainConfig, resume: bool, accelerator: Accelerator, out: Path,
     provenance = {"run": cfg.run_name or str(out), "model": cfg.model, "af_type": cfg.af_type, "sharing": cfg.af_layer_specific,
                   "n_models": cfg.n_models, "staggered_starts": cfg.staggered_starts, "data": cfg.data,
                   "seed": cfg.seed, "af_lr": cfg.af_lr, "af_file": cfg.af_file}
-    tokens_per_step = cfg.per_device_train_batch_size * cfg.seq_length * cfg.gradient_accumulation_steps \
-        * accelerator.num_processes
+    tokens_per_step = cfg.per_device_train_batch_size * cfg.seq_length * cfg.gradient_accumulation_steps
+    if not placement.distributed:  # data parallel: every process trains the model on its own batches
+        tokens_per_step *= accelerator.num_processes
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not is_main, desc="training", unit="step")
     window = Throughput()
     for replica in replicas:
@@ -204,16 +216,18 @@ def run(cfg: TrainConfig, resume: bool, accelerator: Accelerator, out: Path,
             state.elapsed += seconds
             log_training(results, replicas, state, tokens / seconds, metrics, bar, cfg)
         with window.paused():  # validation, plots and checkpoints are not training time
-            if state.step % cfg.eval_steps == 0 or last:
-                validate(model, run_data.val, cfg, metrics, state.step, objective)
+            if (state.step % cfg.eval_steps == 0 or last) and (is_main or not placement.distributed):
+                validate(model, run_data.val, cfg, metrics, state.step, objective)  # stage I: replica 0, rank 0's
                 if is_main:
                     save_plots(model, state.history, out / "plots", cfg)
             if cfg.save_af_steps and state.step % cfg.save_af_steps == 0 and not last and is_main:
                 snapshot = out / "activation_snapshots" / f"step-{state.step:06d}"
                 save_bank(model, snapshot, {**provenance, "steps": state.step})
             if state.step % cfg.save_steps == 0 and not last:
+                placement.sync(replicas)
                 save_checkpoint(accelerator, out)
     bar.close()
+    placement.sync(replicas)
     save_checkpoint(accelerator, out)
     final = final_metrics(state.history, state.step, accelerator.num_processes)
     if is_main:
@@ -268,42 +282,60 @@ def train_records(results: dict[int, tuple[float, float]], replicas: list[Replic
 def train_step(replicas: list[Replica], af_optimizer: torch.optim.Optimizer | None, step: int,
                accelerator: Accelerator, cfg: TrainConfig, objective: Objective | None = None
                ) -> dict[int, tuple[float, float]]:
-    """One optimizer step of every replica active at `step`; returns {replica: (loss, accuracy)}. `objective`
-    (default: the model's forward with shift_labels) gives each micro-batch's loss and accuracy.
+    """One optimizer step of every replica active at `step`; returns {replica: (loss, accuracy)} of all of them
+    (on every process). `objective` (default: the model's forward with shift_labels) gives each micro-batch's loss
+    and accuracy.
 
     Each replica accumulates its gradients over `gradient_accumulation_steps` micro-batches; the shared
-    activations' gradients are averaged over the active replicas. Nothing is updated if a loss is not finite.
+    activations' gradients are averaged over the active replicas (of all processes: ReplicaPlacement). Nothing is
+    updated if a loss is not finite.
     """
+    placement = placement_of(accelerator, len(replicas))
     active = [r for r in replicas if r.is_active(step)]
     fetched: dict[int, list] = {}  # replicas sharing a data stream see the same micro-batches
-    results = {}
-    for replica in active:
+    for replica in active:  # every process advances every stream, so each holds the one-process data position
         if id(replica.batches) not in fetched:
             fetched[id(replica.batches)] = [next(replica.batches) for _ in range(cfg.gradient_accumulation_steps)]
-        results[replica.index] = forward_backward(replica.model, fetched[id(replica.batches)], accelerator, objective)
+    mine = [r for r in active if r.owned]
+    results = {r.index: forward_backward(r.model, fetched[id(r.batches)], accelerator, objective,
+                                         data_parallel=not placement.distributed) for r in mine}
+    results = placement.gather_results(results, len(replicas), accelerator.device)
+    shared = [p for g in af_optimizer.param_groups for p in g["params"]] if af_optimizer is not None else []
     if all(math.isfinite(loss) for loss, _ in results.values()):
-        if af_optimizer is not None:
-            average_shared_gradients([p for g in af_optimizer.param_groups for p in g["params"]], len(active))
+        placement.reduce_shared_gradients(shared, len(active))
         if cfg.max_grad_norm > 0:
-            params = {id(p): p for r in active for p in r.model.parameters()}
-            accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-        for replica in active:
+            clip_gradients(mine, shared, cfg.max_grad_norm, placement)
+        for replica in mine:
             set_learning_rate(replica.optimizer, cfg.learning_rate * cfg.lr_factor(step - replica.schedule_offset))
             replica.optimizer.step()
         if af_optimizer is not None:
             set_learning_rate(af_optimizer, abs(cfg.af_lr) * cfg.lr_factor(step))
             af_optimizer.step()
-    for optimizer in [r.optimizer for r in active] + ([af_optimizer] if af_optimizer else []):
+    for optimizer in [r.optimizer for r in mine] + ([af_optimizer] if af_optimizer else []):
         optimizer.zero_grad(set_to_none=True)
     return results
 
 
+def clip_gradients(replicas: list[Replica], shared: list[torch.nn.Parameter], max_norm: float,
+                   placement: ReplicaPlacement) -> None:
+    """Scale all gradients of the step (every active replica's own, on whichever process, and the shared ones) by
+    max_norm / their total norm when it is larger, as one process clips the union of the parameters."""
+    shared_ids = {id(p) for p in shared}
+    own = {id(p): p for r in replicas for p in r.model.parameters() if p.grad is not None and id(p) not in shared_ids}
+    with_grad = [p for p in shared if p.grad is not None]
+    norm = placement.total_norm([p.grad for p in own.values()], [p.grad for p in with_grad])
+    torch.nn.utils.clip_grads_with_norm_([*own.values(), *with_grad], max_norm, norm)
+
+
 def forward_backward(model: torch.nn.Module, micro_batches: list, accelerator: Accelerator,
-                     objective: Objective | None = None) -> tuple[float, float]:
-    """Accumulate one model's gradients over micro-batches (DDP syncs on the last, or, for an objective that does
-    not call the model's forward, this averages them across processes at the end); mean loss and accuracy."""
+                     objective: Objective | None = None, data_parallel: bool = True) -> tuple[float, float]:
+    """Accumulate one model's gradients over micro-batches; mean loss and accuracy. Data parallel over several
+    processes (one model per process), DDP syncs on the last micro-batch, or, for an objective that does not call
+    the model's forward, this averages the gradients across processes at the end, and the loss is the mean over the
+    processes; a stage I replica (data_parallel=False) is this process's alone."""
     objective = objective or ForwardCausalLM()
-    sync_here = accelerator.num_processes > 1 and not objective.calls_forward
+    data_parallel = data_parallel and accelerator.num_processes > 1
+    sync_here = data_parallel and not objective.calls_forward
     total_loss = torch.zeros((), device=accelerator.device)
     total_acc = torch.zeros((), device=accelerator.device)
     n = len(micro_batches)
@@ -317,8 +349,9 @@ def forward_backward(model: torch.nn.Module, micro_batches: list, accelerator: A
         total_acc += accuracy
     if sync_here:
         average_gradients_across_processes(model, accelerator.num_processes)
-    loss = accelerator.reduce(total_loss, "mean").item() / n
-    return loss, accelerator.reduce(total_acc, "mean").item() / n
+    if data_parallel:
+        total_loss, total_acc = accelerator.reduce(total_loss, "mean"), accelerator.reduce(total_acc, "mean")
+    return total_loss.item() / n, total_acc.item() / n
 
 
 def average_gradients_across_processes(model: torch.nn.Module, world_size: int) -> None:
