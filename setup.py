@@ -9,7 +9,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["afgpt", "afgpt.*"]),
-    package_data={"afgpt.spline_kernels": ["*.cpp"]},
+    package_data={"afgpt.spline_kernels": ["*.cpp"], "afgpt.mixture_kernels": ["*.cpp"]},
     install_requires=[
         "torch>=2.4",
         # The range CI tests: the floor (5.24 renamed the cache to `cache=`) in a second environment, and the

@@ -5,14 +5,16 @@ Both mix a fixed dictionary of activation functions f_1..f_K (`DICTIONARY`):
     moa  MoAFeedForward, a feed-forward W2(sum_k pi_k(h) f_k(h W1)) whose mixing weights pi_k(h) =
          sigmoid(h . u_k + b_k) depend on the token h and are shared by all of its hidden units
 Both start as a chosen base activation (GELU by default), so swapping them into a baseline changes nothing at
-step 0 (LA exactly, MoA up to sigmoid(-gate_init); see MoAFeedForward). Mixtures are summed term by term, never
-as a [K, ..., width] stack: eagerly by a custom autograd function that keeps only x for the backward, under
-torch.compile as plain expressions that inductor fuses (see `mix`). Still, K functions cost more than one: see
+step 0 (LA up to float rounding, MoA up to sigmoid(-gate_init); see MoAFeedForward). Mixtures are summed term by
+term, never as a [K, ..., width] stack: eagerly on CPU by afgpt's fused C++ kernel (afgpt.mixture_kernels, one pass
+over memory each way), else by a custom autograd function that keeps only x for the backward, under torch.compile
+as plain expressions that inductor fuses (see `mix`). Still, K functions cost more than one: see
 bench/bench_mixtures.py.
 
 Like afgpt.activations, learnable tensors are fp32, forward returns the input's dtype, and modules with learned
 mixing weights expose `initial_state()`, so hosts re-initialise them through `init_activation_module`.
-Imports only torch: it sits below afgpt.activations and is copied to the Hub as remote code.
+Imports only torch (and the kernel when afgpt is installed): it sits below afgpt.activations and is copied to the
+Hub as remote code.
 """
 from collections.abc import Callable, Sequence
 
@@ -20,6 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+try:  # the fused CPU kernel, when afgpt is installed
+    from afgpt.mixture_kernels import kernel_enabled, mixture as kernel_mixture
+except ImportError:  # Hub remote code running without afgpt: _Mixture
+    kernel_enabled, kernel_mixture = None, None
 
 DICTIONARY: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda x: x,
@@ -105,19 +112,55 @@ class _Mixture(torch.autograd.Function):
         return grad_x, None, *grad_weights
 
 
-def mix(x: torch.Tensor, names: Sequence[str], weights: Sequence[torch.Tensor]) -> torch.Tensor:
-    """sum_k weights[k] * f_k(x), weights broadcast against x, in fp32 or wider (seven rounded bf16 terms would add
-    up), returned in x's dtype. Eager: _Mixture. Under torch.compile: the plain sum over the shared-subexpression
-    forms, which inductor differentiates and fuses with the fewest exps (measured faster than tracing _Mixture)."""
+def _kernel_layout(x: torch.Tensor, weights: torch.Tensor) -> tuple[int, int] | None:
+    """The kernel's view of stacked weights [K, *s] (s broadcast against x seen as [R, C]): (1, 1) shared,
+    (1, C) per channel, (R, 1) per row (MoA's token gates); None for other layouts."""
+    shape = weights.shape[1:]
+    if len(shape) > x.dim():
+        return None
+    shape = (1,) * (x.dim() - len(shape)) + tuple(shape)
+    rows, columns = _rows_columns(x)
+    if all(n == 1 for n in shape):
+        return 1, 1
+    if all(n == 1 for n in shape[:-1]) and shape[-1] == columns:
+        return 1, columns
+    if shape[:-1] == x.shape[:-1] and shape[-1] == 1:
+        return rows, 1
+    return None
+
+
+def _rows_columns(x: torch.Tensor) -> tuple[int, int]:
+    """x seen as [R, C], C its last dimension."""
+    return (x.shape[:-1].numel(), x.shape[-1]) if x.dim() else (1, 1)
+
+
+def mix(x: torch.Tensor, names: Sequence[str], weights: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[k] * f_k(x), weights [K, ...] with each weights[k] broadcast against x, in fp32 or wider
+    (seven rounded bf16 terms would add up), returned in x's dtype.
+
+    Eager on CPU: afgpt's fused C++ kernel (one pass over memory each way) when afgpt is installed, the kernel
+    builds and AFGPT_MIXTURE_BACKEND allows it, for fp32 and shared, per-channel or per-row weights;
+    otherwise _Mixture. Under torch.compile: the plain sum over the shared-subexpression forms, which inductor
+    differentiates and fuses with the fewest exps (measured faster than tracing _Mixture)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    x32, weights = x.to(dtype), [w.to(dtype) for w in weights]
+    x32, weights = x.to(dtype), weights.to(dtype)
     if not torch.compiler.is_compiling():
-        return _Mixture.apply(x32, tuple(names), *weights).to(x.dtype)
+        layout = _kernel_layout(x, weights) if _kernel_fits(x32, weights) else None
+        if layout is not None and kernel_enabled():
+            codes = [DICTIONARY_NAMES.index(name) for name in names]
+            out = kernel_mixture(x32.reshape(_rows_columns(x)), weights.reshape(len(names), *layout), codes)
+            return out.view(x.shape).to(x.dtype)
+        return _Mixture.apply(x32, tuple(names), *weights.unbind(0)).to(x.dtype)
     out = None
-    for name, weight in zip(names, weights, strict=True):
+    for name, weight in zip(names, weights.unbind(0), strict=True):
         term = weight * _SHARED_FORMS[name](x32)
         out = term if out is None else out + term
     return out.to(x.dtype)
+
+
+def _kernel_fits(x: torch.Tensor, weights: torch.Tensor) -> bool:
+    return (kernel_mixture is not None and x.device.type == "cpu" and weights.device.type == "cpu"
+            and x.dtype == weights.dtype == torch.float32)
 
 
 def one_hot(names: Sequence[str], base: str) -> torch.Tensor:
@@ -126,7 +169,8 @@ def one_hot(names: Sequence[str], base: str) -> torch.Tensor:
 
 
 class LearnableMixture(nn.Module):
-    """The `la` activation: y = sum_k a_k f_k(x), learned a, starting as exactly `base`.
+    """The `la` activation: y = sum_k a_k f_k(x), learned a, starting as `base` (to float rounding: the CPU kernel's
+    gelu is not bit-identical to F.gelu's oneDNN one; exactly with the PyTorch fallback).
 
     channels=None: one coefficient per function, [K], any input shape. channels=C: one set per channel of the last
     dimension, [K, C], for [..., C] inputs (the `channels` attribute tells plotting to feed [N, C]).
@@ -142,7 +186,7 @@ class LearnableMixture(nn.Module):
         return {"coefficients": a if self.channels is None else a[:, None].repeat(1, self.channels)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mix(x, self.names, self.coefficients.unbind(0))
+        return mix(x, self.names, self.coefficients)
 
     def extra_repr(self) -> str:
         kind = "shared" if self.channels is None else f"per-channel={self.channels}"
@@ -244,7 +288,7 @@ class MoAFeedForward(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         gates = self.gates(h)
         z = self.fc(h)
-        mixed = mix(z, self.names, gates.unsqueeze(-2).unbind(-1))
+        mixed = mix(z, self.names, gates.movedim(-1, 0).unsqueeze(-1))
         return self.proj(mixed * self.up(h) if self.glu else mixed)
 
     def extra_repr(self) -> str:

@@ -25,17 +25,20 @@ def test_dictionary_order_and_values():
 
 
 def test_mix_matches_the_reference_functions_everywhere():
-    """mix evaluates silu and tanh through a shared sigmoid: same functions, also in the tails."""
+    """mix evaluates silu and tanh through a shared sigmoid: same functions, also in the tails. The reference is
+    computed in double; the tolerance admits fp32 F.gelu (the fallback's), itself off by up to 6.3e-7 near |x| = 3."""
     x = torch.cat([torch.linspace(-100, 100, 2001), torch.tensor([0.0, 1e-6, -1e-6])])
     for k, name in enumerate(DICTIONARY_NAMES):
-        weights = [torch.tensor(float(j == k)) for j in range(len(DICTIONARY_NAMES))]
-        torch.testing.assert_close(mix(x, DICTIONARY_NAMES, weights), DICTIONARY[name](x), rtol=1e-6, atol=2e-7)
+        weights = torch.eye(len(DICTIONARY_NAMES))[k]
+        torch.testing.assert_close(mix(x, DICTIONARY_NAMES, weights), DICTIONARY[name](x.double()).float(),
+                                   rtol=1e-6, atol=7e-7)
 
 
-def test_la_starts_as_exactly_the_base():
+def test_la_starts_as_the_base():
+    """To float rounding: the CPU kernel's erf is ATen's vectorised one, F.gelu's on fp32 CPU oneDNN's."""
     x = torch.randn(64, 48) * 4
-    assert torch.equal(LearnableMixture()(x), F.gelu(x))
-    assert torch.equal(LearnableMixture(channels=48)(x), F.gelu(x))
+    torch.testing.assert_close(LearnableMixture()(x), F.gelu(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(LearnableMixture(channels=48)(x), F.gelu(x), rtol=1e-6, atol=1e-6)
     assert torch.equal(LearnableMixture(base="relu", names=["relu", "gelu"])(x), F.relu(x))
 
 
@@ -71,7 +74,7 @@ def test_la_bf16_keeps_dtype_and_fp32_parameters():
     x = torch.randn(8, 16, dtype=torch.bfloat16)
     y = la(x)
     assert y.dtype == torch.bfloat16 and la.coefficients.dtype == torch.float32
-    assert torch.equal(y, F.gelu(x))
+    torch.testing.assert_close(y, F.gelu(x))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert la(x).dtype == torch.bfloat16
 
@@ -193,8 +196,8 @@ def test_gate_statistics_accumulate_over_batches_and_change_in_training():
 @pytest.mark.parametrize("shape", [(), (4,), (5, 1)])  # shared, per-channel, per-token (MoA) weights
 def test_eager_backward_matches_autograd(shape):
     x = torch.randn(5, 4, dtype=torch.double, requires_grad=True)
-    weights = [torch.randn(shape, dtype=torch.double, requires_grad=True) for _ in DICTIONARY_NAMES]
-    assert torch.autograd.gradcheck(lambda x, *w: mix(x, DICTIONARY_NAMES, w), (x, *weights))
+    weights = torch.randn(len(DICTIONARY_NAMES), *shape, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: mix(x, DICTIONARY_NAMES, w), (x, weights))
 
 
 @pytest.mark.slow
@@ -228,8 +231,8 @@ def test_la_in_afgpt_starts_as_gelu_trains_and_round_trips_through_a_bank(tmp_pa
     model = afgpt.AfGPTForCausalLM(tiny_config(af_type=af_type))
     la = model.model.activations.mlp[0]
     x = torch.linspace(-4, 4, 64)
-    assert torch.equal(la(x if la.channels is None else x[:, None].expand(64, la.channels)),
-                       torch.nn.functional.gelu(x if la.channels is None else x[:, None].expand(64, la.channels)))
+    x = x if la.channels is None else x[:, None].expand(64, la.channels)
+    torch.testing.assert_close(la(x), torch.nn.functional.gelu(x), rtol=1e-6, atol=1e-6)
     ids = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
         model.model.layers[0].mlp.proj.weight.normal_(0, 0.02)  # AfGPT starts proj at zero: no gradient reaches the mixture

@@ -6,24 +6,18 @@ Backend choice (environment variable AFGPT_SPLINE_BACKEND):
   cpp            -- as auto, but a failed build is an error.
   torch          -- always the PyTorch fallback.
 """
-import os
-import warnings
-
 import torch
 
 from .. import spline_torch as torch_spline
+from ..native_build import requested_backend, use_kernel
 from . import cpu_kernel
 
-BACKENDS = ("auto", "cpp", "torch")
 _warned: list[bool] = []
 
 
 def backend() -> str:
     """The requested backend, from AFGPT_SPLINE_BACKEND."""
-    name = os.environ.get("AFGPT_SPLINE_BACKEND", "auto").lower()
-    if name not in BACKENDS:
-        raise ValueError(f"AFGPT_SPLINE_BACKEND={name!r}; expected one of {BACKENDS}")
-    return name
+    return requested_backend("AFGPT_SPLINE_BACKEND")
 
 
 @torch.compiler.assume_constant_result
@@ -32,19 +26,7 @@ def kernel_enabled() -> bool:
 
     Evaluated once at trace time under torch.compile, so the build never lands in a graph.
     """
-    name = backend()
-    if name == "torch":
-        return False
-    if cpu_kernel.load():
-        return True
-    if name == "cpp":
-        raise RuntimeError(f"AFGPT_SPLINE_BACKEND=cpp but the kernel failed to build: "
-                           f"{cpu_kernel.load_error()}")
-    if not _warned:
-        _warned.append(True)
-        warnings.warn(f"afgpt: spline CPU kernel unavailable ({cpu_kernel.load_error()}); "
-                      "using the slower PyTorch fallback", RuntimeWarning, stacklevel=3)
-    return False
+    return use_kernel("AFGPT_SPLINE_BACKEND", cpu_kernel, "spline", _warned)
 
 
 def _kernel_fits(x: torch.Tensor, values: torch.Tensor) -> bool:
