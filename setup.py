@@ -28,7 +28,8 @@ setup(
     ],
     extras_require={
         "peft": ["peft>=0.13"],
-        "test": ["pytest>=8", "pytest-xdist>=3", "peft>=0.13"],
+        # triton: the Triton spline kernel's tests run in its interpreter on CPU (torch's CUDA wheels bring it)
+        "test": ["pytest>=8", "pytest-xdist>=3", "peft>=0.13", "triton>=3.2; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["afgpt=afgpt.cli:main"]},
 )

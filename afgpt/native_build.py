@@ -73,11 +73,11 @@ class NativeKernel:
 BACKENDS = ("auto", "cpp", "torch")
 
 
-def requested_backend(variable: str) -> str:
-    """The backend an environment variable asks for: auto (default), cpp or torch."""
+def requested_backend(variable: str, choices: tuple[str, ...] = BACKENDS) -> str:
+    """The backend an environment variable asks for: auto (default), cpp, torch or another of choices."""
     name = os.environ.get(variable, "auto").lower()
-    if name not in BACKENDS:
-        raise ValueError(f"{variable}={name!r}; expected one of {BACKENDS}")
+    if name not in choices:
+        raise ValueError(f"{variable}={name!r}; expected one of {choices}")
     return name
 
 

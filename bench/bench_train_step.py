@@ -6,9 +6,10 @@ redone) and each figure is the median step. Model FLOPs per step are 6*params*to
 attention, 12*layers*hidden*seq*tokens (params counts the tied embedding once, standing for the
 LM-head matmul); "of peak" divides the achieved FLOP/s by that of a 2048^3 fp32 matmul timed in
 the same interleaved rounds (so a noisy neighbour slows both alike), the practical peak of this
-machine.
+machine. With --device cuda the spline models run afgpt's Triton kernel (the spline backend that
+afgpt.spline_kernels picks for CUDA tensors); goal there: spline;att-spline step <= 1.05x GELU.
 
-    python bench/bench_train_step.py [--rounds 5] [--batch 16] [--seq 256]
+    python bench/bench_train_step.py [--rounds 5] [--batch 16] [--seq 256] [--device cpu|cuda]
 """
 import argparse
 import logging
@@ -18,24 +19,24 @@ from collections.abc import Callable
 import torch
 
 import afgpt
-from bench_activations import time_interleaved
+from bench_activations import device_sync, time_interleaved
 
 AF_TYPES = ("gelu;att-linear", "spline;att-spline")
 
 
-def matmul(n: int = 2048) -> Callable[[], None]:
+def matmul(n: int = 2048, device: str = "cpu") -> Callable[[], None]:
     """One n x n fp32 matmul (2 n^3 FLOP), timed alongside the steps as the machine's practical peak."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     return lambda: torch.mm(a, b)
 
 
-def make_step(config: afgpt.AfGPTConfig, batch: int, seq: int,
-              compiled: bool) -> Callable[[], None]:
+def make_step(config: afgpt.AfGPTConfig, batch: int, seq: int, compiled: bool,
+              device: str = "cpu") -> Callable[[], None]:
     """A closure running one training step of a fresh model on fixed random tokens."""
-    model = afgpt.AfGPTForCausalLM(config)
+    model = afgpt.AfGPTForCausalLM(config).to(device)
     forward = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
 
     def step() -> None:
         loss = forward(input_ids=ids, labels=ids).loss
@@ -57,11 +58,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     torch._logging.set_logs(dynamo=logging.ERROR)  # the model's graph breaks are not news here
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    steps, flops = {"peak": matmul(2048)}, {"peak": 2 * 2048.0**3}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    steps, flops = {"peak": matmul(2048, args.device)}, {"peak": 2 * 2048.0**3}
     for hidden in (128, 256):
         for af_type in AF_TYPES:
             config = afgpt.AfGPTConfig(vocab_size=8192, hidden_size=hidden, num_hidden_layers=4,
@@ -70,11 +72,11 @@ def main() -> None:
             for compiled in (False, True):
                 name = (hidden, af_type, "compile" if compiled else "eager")
                 start = time.perf_counter()
-                steps[name] = make_step(config, args.batch, args.seq, compiled)
+                steps[name] = make_step(config, args.batch, args.seq, compiled, args.device)
                 steps[name]()  # warm-up; compiles
                 print(f"  built {name} in {time.perf_counter() - start:.1f} s", flush=True)
                 flops[name] = step_flops(config, args.batch, args.seq)
-    times = time_interleaved(steps, args.rounds)
+    times = time_interleaved(steps, args.rounds, device_sync(args.device))
     peak = flops["peak"] / times.pop("peak") / 1e9
     print(f"fp32 matmul 2048^3: {peak:.1f} GFLOP/s (median of the same rounds; taken as peak)")
     tokens = args.batch * args.seq

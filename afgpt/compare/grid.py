@@ -90,9 +90,8 @@ class CompareGrid:
 
     def stage1_fields(self, variant: Variant) -> dict:
         """A two-stage variant's stage I: the shared settings, the first seed, and stage1's replicas."""
-        fields = {**self.run_fields(replace(variant, stage2=False), self.seeds[0]), **self.stage1,
-                  "output_dir": str(self.stage1_dir(variant)), "run_name": f"{variant.name}, stage I"}
-        return fields
+        return {**self.run_fields(replace(variant, stage2=False), self.seeds[0]), **self.stage1,
+                "output_dir": str(self.stage1_dir(variant)), "run_name": f"{variant.name}, stage I"}
 
     def config(self, variant: Variant, seed: int) -> TrainConfig:
         return TrainConfig(**self.run_fields(variant, seed))

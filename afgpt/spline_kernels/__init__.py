@@ -5,19 +5,24 @@ Backend choice (environment variable AFGPT_SPLINE_BACKEND):
                     use; the PyTorch fallback elsewhere or if the build fails (warns once).
   cpp            -- as auto, but a failed build is an error.
   torch          -- always the PyTorch fallback.
+  triton         -- always the Triton kernel (CUDA tensors; CPU ones with TRITON_INTERPRET=1).
+auto also runs CUDA tensors through the Triton kernel when triton imports (else warns once).
 """
+import warnings
+
 import torch
 
 from .. import spline_torch as torch_spline
-from ..native_build import requested_backend, use_kernel
-from . import cpu_kernel
+from ..native_build import BACKENDS, requested_backend, use_kernel
+from . import cpu_kernel, triton_kernel
 
 _warned: list[bool] = []
+_triton_warned: list[bool] = []
 
 
 def backend() -> str:
     """The requested backend, from AFGPT_SPLINE_BACKEND."""
-    return requested_backend("AFGPT_SPLINE_BACKEND")
+    return requested_backend("AFGPT_SPLINE_BACKEND", (*BACKENDS, "triton"))
 
 
 @torch.compiler.assume_constant_result
@@ -26,7 +31,22 @@ def kernel_enabled() -> bool:
 
     Evaluated once at trace time under torch.compile, so the build never lands in a graph.
     """
-    return use_kernel("AFGPT_SPLINE_BACKEND", cpu_kernel, "spline", _warned)
+    return backend() != "triton" and use_kernel("AFGPT_SPLINE_BACKEND", cpu_kernel, "spline", _warned)
+
+
+@torch.compiler.assume_constant_result
+def triton_enabled(device_type: str) -> bool:
+    """Whether tensors on device_type go to the Triton kernel (evaluated once at trace time)."""
+    name = backend()
+    if name == "triton" and not triton_kernel.available():
+        raise RuntimeError("AFGPT_SPLINE_BACKEND=triton but triton is not installed")
+    if name != "auto" or device_type != "cuda":
+        return name == "triton"
+    if not triton_kernel.available() and not _triton_warned:
+        _triton_warned.append(True)
+        warnings.warn("afgpt: triton is not installed; CUDA splines use the slower PyTorch fallback",
+                      RuntimeWarning, stacklevel=3)
+    return triton_kernel.available()
 
 
 def _kernel_fits(x: torch.Tensor, values: torch.Tensor) -> bool:
@@ -40,6 +60,9 @@ def spline(x: torch.Tensor, values: torch.Tensor, x_min: float, x_max: float) ->
     values is [K] (one spline for every element) or [C, K] (one spline per channel of x's last dim).
     Computes in fp32 (values' dtype) and returns x's dtype.
     """
+    if (x.dtype in (torch.float32, torch.bfloat16) and values.dtype == torch.float32
+            and x.device == values.device and triton_enabled(x.device.type)):
+        return triton_kernel.spline(x, values, x_min, x_max)
     if _kernel_fits(x, values) and kernel_enabled():
         return torch.ops.afgpt.spline_fwd(x, values, float(x_min), float(x_max))
     return torch_spline.spline(x, values, x_min, x_max)

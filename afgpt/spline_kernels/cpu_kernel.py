@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..native_build import NativeKernel
+from .registration import register_spline_ops
 
 _SOURCE = Path(__file__).with_name("spline_cpu.cpp")
 _KERNEL = NativeKernel(_SOURCE, "afgpt_spline_cpu", "spline")
@@ -39,28 +40,4 @@ def spline_bwd(grad: torch.Tensor, x: torch.Tensor, values: torch.Tensor, x_min:
     return torch.ops.afgpt_spline_cpu.backward(grad, x, values, x_min, x_max, values_grad)
 
 
-@spline_fwd.register_fake
-def _(x, values, x_min, x_max):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@spline_bwd.register_fake
-def _(grad, x, values, x_min, x_max, values_grad):
-    grad_v = torch.empty_like(values) if values_grad else values.new_empty(0)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), grad_v
-
-
-def _setup_context(ctx, inputs, output):
-    x, values, x_min, x_max = inputs
-    ctx.save_for_backward(x, values)
-    ctx.x_range = (x_min, x_max)
-
-
-def _backward(ctx, grad):
-    x, values = ctx.saved_tensors
-    grad_x, grad_v = spline_bwd(grad, x, values, *ctx.x_range, ctx.needs_input_grad[1])
-    return (grad_x if ctx.needs_input_grad[0] else None,
-            grad_v if ctx.needs_input_grad[1] else None, None, None)
-
-
-spline_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_spline_ops(spline_fwd, spline_bwd)
