@@ -73,7 +73,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--match-params", action="store_true",
                         help="give each variant the MLP width (intermediate_size) whose non-embedding parameter "
                              "count is closest to the baseline's; the table reports the widths")
-    parser.add_argument("--n-models", type=int, default=4, help="@stage2 variants: stage I replicas (default 4; the thesis used 20)")
+    parser.add_argument("--n-models", type=int, default=4,
+                        help="@stage2 variants: stage I replicas (default 4; the thesis used 20)")
     parser.add_argument("--staggered-starts", type=int, default=2, choices=(0, 1, 2),
                         help="@stage2 variants: stage I's staggered starts (TrainConfig --staggered-starts)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained side by side, each with 1/jobs of the "
