@@ -56,6 +56,13 @@ def candidates(channels: int, k: int, device: str) -> dict[str, tuple[Callable, 
     }
 
 
+def checked_device(parser: argparse.ArgumentParser, name: str) -> str:
+    """--device's value, refused with a clear message when it asks for CUDA where there is none."""
+    if name == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    return name
+
+
 def device_sync(device: str) -> Callable[[], None]:
     """What time_interleaved calls to wait for the device's queued work."""
     return torch.cuda.synchronize if device == "cuda" else lambda: None
@@ -155,6 +162,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
+    checked_device(parser, args.device)
     dtypes = {"fp32": [torch.float32], "bf16": [torch.bfloat16],
               "both": [torch.float32, torch.bfloat16]}[args.dtype]
     if args.device == "cuda":

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from afgpt.kan import KANFeedForward, KANLinear, kan_hidden_size
-from bench_activations import busy_cpu_seconds  # bench/ is the script's folder, so on sys.path
+from bench_activations import busy_cpu_seconds, checked_device, device_sync  # bench/ is on sys.path
 
 TOKENS = 16 * 128
 
@@ -152,8 +152,7 @@ def run_case(hidden: int, widths: list[str], rounds: int, device: torch.device) 
             key = name + ("+c" if compiled else "")
             fns[key] = lambda forward=forward, inputs=inputs: torch.autograd.grad(forward(x), inputs, grad)
             memory[key] = peak_bytes(fns[key], x) if device.type == "cuda" else saved_bytes(forward, x)
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    times, noisy = time_interleaved(fns, rounds, sync)
+    times, noisy = time_interleaved(fns, rounds, device_sync(device.type))
     params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
     print(f"\nhidden {hidden}, {TOKENS} tokens, grid 5, order 3" + (f" ({noisy} noisy rounds used)" if noisy else ""))
     print(f"{'feed-forward':<16}{'params':>10}{'eager ms':>10}{'compiled ms':>13}{'MB eager':>10}{'MB compiled':>13}"
@@ -177,9 +176,7 @@ def main() -> None:
     parser.add_argument("--widths", default="params", help="comma-separated KAN widths: params, mlp")
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 256])
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device available")
+    device = torch.device(checked_device(parser, args.device))
     print(f"torch {torch.__version__}, {device}" + ("" if device.type == "cuda" else
                                                     f", {torch.get_num_threads()} threads"))
     for hidden in args.hidden:

@@ -25,6 +25,7 @@ from torch import nn
 import afgpt
 from afgpt.ffn import MLP
 from afgpt.mixtures import LearnableMixture, MoAFeedForward
+from bench_activations import checked_device, device_sync
 from bench_kan import time_interleaved
 from bench_train_step import make_step
 
@@ -66,8 +67,7 @@ def run_case(hidden: int, tokens: int, rounds: int, device: torch.device) -> Non
         for suffix, forward in (("", model), ("+c", torch.compile(model, dynamic=False))):
             fns[name + suffix] = lambda forward=forward, inputs=inputs: torch.autograd.grad(forward(x), inputs, grad)
         fns[name + "+t"] = on_fallback(fns[name])
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    times, noisy = time_interleaved(fns, rounds, sync)
+    times, noisy = time_interleaved(fns, rounds, device_sync(device.type))
     print(f"\nhidden {hidden}, intermediate {4 * hidden}, {tokens} tokens"
           + (f" ({noisy} noisy rounds used)" if noisy else ""))
     print(f"{'feed-forward':<14}{'params':>10}{'eager ms':>10}{'fallback ms':>13}{'compiled ms':>13}"
@@ -108,9 +108,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=8192)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device available")
+    device = torch.device(checked_device(parser, args.device))
     print(f"torch {torch.__version__}, {device}" + ("" if device.type == "cuda" else
                                                     f", {torch.get_num_threads()} threads"))
     for hidden in args.hidden:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 import afgpt
-from bench_activations import device_sync, time_interleaved
+from bench_activations import checked_device, device_sync, time_interleaved
 
 AF_TYPES = ("gelu;att-linear", "spline;att-spline")
 
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
+    checked_device(parser, args.device)
     torch._logging.set_logs(dynamo=logging.ERROR)  # the model's graph breaks are not news here
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
