@@ -127,17 +127,17 @@ class ReplicaPlacement:
                 p.grad = grad.view_as(p).clone() if has_grad else None
         average_shared_gradients(params, n_active)
 
-    def total_norm(self, own: list[torch.Tensor], shared: list[torch.Tensor]) -> torch.Tensor:
-        """The gradient norm over all replicas' own gradients (`own`: this rank's) and the shared ones (already
-        the same on every rank), for clipping as one process clips the union of all parameters."""
-        own_norm = torch.nn.utils.get_total_norm(own) if own else torch.zeros(())
-        squared = own_norm.double() ** 2
+    def total_norm(self, own: list[torch.Tensor], shared: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """The gradient norm over all replicas' own gradients (`own`: this rank's, possibly none) and the shared
+        ones (already the same on every rank), for clipping as one process clips the union of all parameters;
+        computed on `device`, the one the processes' collectives use."""
+        squared = torch.zeros((), dtype=torch.float64, device=device)
+        if own:
+            squared += torch.nn.utils.get_total_norm(own).double().to(device) ** 2
         if self.distributed:
-            device = shared[0].device if shared else own[0].device if own else torch.device("cpu")
-            squared = squared.to(device)
             dist.all_reduce(squared)
         if shared:
-            squared = squared + torch.nn.utils.get_total_norm(shared).double().to(squared.device) ** 2
+            squared += torch.nn.utils.get_total_norm(shared).double().to(device) ** 2
         return squared.sqrt().float()
 
     def sync(self, replicas: list["Replica"]) -> None:

@@ -205,7 +205,7 @@ def test_clipping_scales_all_replicas_and_the_shared_gradients_by_one_norm():
     expected = [p.grad.clone() for p in union.values()]
     total = torch.linalg.vector_norm(torch.cat([g.flatten() for g in expected]))
     replicas = [Replica(m, model, None, iter(())) for m, model in enumerate(models)]
-    loop.clip_gradients(replicas, [shared], 1.0, ReplicaPlacement())
+    loop.clip_gradients(replicas, [shared], 1.0, ReplicaPlacement(), torch.device("cpu"))
     for p, before in zip(union.values(), expected):
         torch.testing.assert_close(p.grad, before * (1.0 / (total + 1e-6)))
     assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in union.values()])) == pytest.approx(1.0,

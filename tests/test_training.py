@@ -322,9 +322,9 @@ def test_bf16_accumulation_and_clipping_run(tmp_path, shared_data, monkeypatch):
     seen = {}
     real_clip = loop.clip_gradients
 
-    def clip(replicas, shared, max_norm, placement):
+    def clip(replicas, shared, max_norm, placement, device):
         seen["max_norm"] = max_norm
-        return real_clip(replicas, shared, max_norm, placement)
+        return real_clip(replicas, shared, max_norm, placement, device)
 
     monkeypatch.setattr(loop, "clip_gradients", clip)
     cfg = tiny_run(tmp_path, shared_data, af_type="spline;att-spline", mixed_precision="bf16",

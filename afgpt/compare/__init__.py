@@ -13,8 +13,7 @@ import argparse
 import json
 
 from ..training.config import FAMILIES, SIZES
-from .grid import CompareGrid, Variant, build_grid, comma_list
-from .grid import run_status
+from .grid import CompareGrid, Variant, build_grid, comma_list, run_status
 from .results import collect, paired_difference
 from .runner import plan, run_grid
 

@@ -95,7 +95,7 @@ def evaluate_run(grid: CompareGrid, run_dir: Path) -> str:
     other); each writes its records into the run's metrics.jsonl (afgpt.evaluation), which is how a rerun knows it
     is done. Returns "evaluated", "evaluation failed" or "" (nothing to do)."""
     kinds = {record["kind"] for record in safe_metrics(run_dir)}
-    todo = [kind for kind in ("blimp", "superglue") if kind in grid.evaluations and kind not in kinds]
+    todo = [kind for kind in grid.evaluations if kind not in kinds]
     failures = []
     for kind in todo:
         logger.info(f"{run_dir}: {kind}")

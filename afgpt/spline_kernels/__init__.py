@@ -49,20 +49,15 @@ def triton_enabled(device_type: str) -> bool:
     return triton_kernel.available()
 
 
-def _kernel_fits(x: torch.Tensor, values: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and values.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16) and values.dtype == torch.float32)
-
-
 def spline(x: torch.Tensor, values: torch.Tensor, x_min: float, x_max: float) -> torch.Tensor:
     """Evaluate linear splines with evenly spaced anchors on [x_min, x_max], constant outside.
 
     values is [K] (one spline for every element) or [C, K] (one spline per channel of x's last dim).
     Computes in fp32 (values' dtype) and returns x's dtype.
     """
-    if (x.dtype in (torch.float32, torch.bfloat16) and values.dtype == torch.float32
-            and x.device == values.device and triton_enabled(x.device.type)):
-        return triton_kernel.spline(x, values, x_min, x_max)
-    if _kernel_fits(x, values) and kernel_enabled():
-        return torch.ops.afgpt.spline_fwd(x, values, float(x_min), float(x_max))
+    if x.dtype in (torch.float32, torch.bfloat16) and values.dtype == torch.float32 and x.device == values.device:
+        if x.device.type == "cpu" and kernel_enabled():  # the common case first: one backend check per call
+            return torch.ops.afgpt.spline_fwd(x, values, float(x_min), float(x_max))
+        if triton_enabled(x.device.type):
+            return triton_kernel.spline(x, values, x_min, x_max)
     return torch_spline.spline(x, values, x_min, x_max)

@@ -304,7 +304,7 @@ def train_step(replicas: list[Replica], af_optimizer: torch.optim.Optimizer | No
     if all(math.isfinite(loss) for loss, _ in results.values()):
         placement.reduce_shared_gradients(shared, len(active))
         if cfg.max_grad_norm > 0:
-            clip_gradients(mine, shared, cfg.max_grad_norm, placement)
+            clip_gradients(mine, shared, cfg.max_grad_norm, placement, accelerator.device)
         for replica in mine:
             set_learning_rate(replica.optimizer, cfg.learning_rate * cfg.lr_factor(step - replica.schedule_offset))
             replica.optimizer.step()
@@ -317,13 +317,13 @@ def train_step(replicas: list[Replica], af_optimizer: torch.optim.Optimizer | No
 
 
 def clip_gradients(replicas: list[Replica], shared: list[torch.nn.Parameter], max_norm: float,
-                   placement: ReplicaPlacement) -> None:
+                   placement: ReplicaPlacement, device: torch.device) -> None:
     """Scale all gradients of the step (every active replica's own, on whichever process, and the shared ones) by
     max_norm / their total norm when it is larger, as one process clips the union of the parameters."""
     shared_ids = {id(p) for p in shared}
     own = {id(p): p for r in replicas for p in r.model.parameters() if p.grad is not None and id(p) not in shared_ids}
     with_grad = [p for p in shared if p.grad is not None]
-    norm = placement.total_norm([p.grad for p in own.values()], [p.grad for p in with_grad])
+    norm = placement.total_norm([p.grad for p in own.values()], [p.grad for p in with_grad], device)
     torch.nn.utils.clip_grads_with_norm_([*own.values(), *with_grad], max_norm, norm)
 
 
